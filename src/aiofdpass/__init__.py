@@ -1,0 +1,42 @@
+"""Pass file descriptors between processes over UNIX sockets, with asyncio or trio.
+
+Records of bytes plus descriptors (``SCM_RIGHTS``) travel over AF_UNIX
+stream sockets; the same code runs on asyncio, uvloop and trio (through
+anyio). Start with :func:`channel_pair`, :func:`connect` and :func:`listen`.
+"""
+
+from __future__ import annotations
+
+from ._channel import FdChannel, channel_pair
+from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolError
+from ._fd import Fd
+from ._message import Limits, Message
+from ._stream import FdStream, stream_pair
+from ._unix import FdListener, connect, connect_stream, listen
+from ._version import __version__
+
+__all__ = [
+    "DescriptorsLostError",
+    "Fd",
+    "FdChannel",
+    "FdListener",
+    "FdPassError",
+    "FdStream",
+    "LimitError",
+    "Limits",
+    "Message",
+    "ProtocolError",
+    "__version__",
+    "channel_pair",
+    "connect",
+    "connect_stream",
+    "listen",
+    "stream_pair",
+]
+
+# Show the public names as aiofdpass.X in reprs, tracebacks and docs.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("aiofdpass._"):
+        _obj.__module__ = __name__
+del _name, _obj

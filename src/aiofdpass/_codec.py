@@ -1,0 +1,269 @@
+"""The record codec: framing rules, and nothing that touches a socket.
+
+Wire format (see ``docs/protocol.md``): each record is a 12-byte header
+followed by the payload. The header, all integers big-endian::
+
+    offset 0  2 bytes  magic  b"FD"
+    offset 2  1 byte   version (1)
+    offset 3  1 byte   flags (0; anything else is a violation in version 1)
+    offset 4  u16      number of descriptors in the record (0..253)
+    offset 6  u16      reserved (0)
+    offset 8  u32      payload length in bytes
+
+Descriptors travel out of band, as ``SCM_RIGHTS`` ancillary data, and on a
+stream socket the kernel hands them over with the read that returns the first
+byte of the ``sendmsg`` they were attached to. The receiver therefore keeps
+them in a FIFO, and each complete record takes the first ``nfds`` of them.
+
+Rule 1: a record's descriptors may arrive before the record's bytes (a
+sender that coalesces records attaches all their descriptors to the first
+``sendmsg``), never after the record's last byte. Fewer descriptors than the
+header announced once the record is complete is a violation.
+
+Rule 2: a conforming sender never has more than 253 descriptors in flight
+ahead of the records that claim them (one ``sendmsg`` carries at most 253),
+so more unclaimed descriptors than that is a violation (it also bounds what a
+hostile peer can make us hold).
+
+Rule 3: end of stream is clean only at a record boundary with no unclaimed
+descriptors.
+
+On any violation the decoder closes every descriptor it holds, raises
+:class:`ProtocolError`, and refuses further input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable
+from typing import NoReturn
+
+from ._errors import ProtocolError
+from ._fd import Fd
+from ._message import SCM_MAX_FD, Limits, Message
+
+__all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "RecordDecoder", "encode_header"]
+
+MAGIC = b"FD"
+VERSION = 1
+_HEADER = struct.Struct("!2sBBHHI")
+HEADER_SIZE = _HEADER.size  # 12
+
+#: How much a single read may bring in at least, when no record needs more.
+READ_SIZE = 64 * 1024
+
+
+def encode_header(payload_length: int, nfds: int) -> bytes:
+    """Return the header for a record of ``payload_length`` bytes and ``nfds`` fds.
+
+    The caller has already checked both against the limits.
+    """
+    return _HEADER.pack(MAGIC, VERSION, 0, nfds, 0, payload_length)
+
+
+class RecordDecoder:
+    """Turn bytes and descriptors, in arrival order, into `Message` objects.
+
+    Use :meth:`get_buffer` and :meth:`commit` to read straight into the
+    decoder's buffer (or :meth:`feed` to copy bytes in), then call
+    :meth:`next_message` until it returns ``None``; call :meth:`end_of_stream`
+    when the peer closed. The decoder owns every descriptor given to it until
+    a message carrying it is returned.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._buf = bytearray(READ_SIZE)
+        self._start = 0  # first byte not yet decoded
+        self._end = 0  # one past the last byte received
+        self._fds: deque[Fd] = deque()
+        # (payload_length, nfds) of the record at _start, once its header is
+        # in and valid.
+        self._header: tuple[int, int] | None = None
+        self._failed: ProtocolError | None = None
+
+    # -- input ------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Return free space to read into; pass the count read to :meth:`commit`.
+
+        The space is sized for the record being received (so a large payload
+        is read in few calls) but never beyond what the limits allow: a
+        header is checked before space for its payload is made.
+        """
+        self._check_usable()
+        wanted = READ_SIZE
+        if self._header is not None:
+            # Room for the rest of this record, plus a read's worth after it.
+            wanted = max(wanted, HEADER_SIZE + self._header[0] - self._pending())
+        self._reserve(wanted)
+        return memoryview(self._buf)[self._end :]
+
+    def commit(self, nbytes: int, fds: Iterable[Fd] = ()) -> None:
+        """Record that ``nbytes`` were read into :meth:`get_buffer`'s space.
+
+        ``fds`` are the descriptors that arrived with those bytes; the
+        decoder owns them from now on (and closes them if it is unusable).
+        """
+        self._fds.extend(fds)
+        if self._failed is not None:
+            self.close()
+            self._check_usable()
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            self.close()
+            raise ValueError(f"commit({nbytes}) is more than get_buffer() offered")
+        self._end += nbytes
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[Fd] = ()) -> None:
+        """Copy ``data`` in, with the descriptors that arrived with it."""
+        fds = list(fds)
+        if self._failed is not None:
+            self.commit(0, fds)  # closes them and raises
+        self._reserve(len(data))
+        self._buf[self._end : self._end + len(data)] = data
+        self.commit(len(data), fds)
+
+    # -- output -----------------------------------------------------------
+
+    def next_message(self) -> Message | None:
+        """Return the next complete record, or ``None`` if more input is needed.
+
+        :raises ProtocolError: if the peer broke the framing; the decoder has
+            then closed every descriptor it held.
+        """
+        self._check_usable()
+        header = self._header
+        if header is None:
+            if self._end - self._start < HEADER_SIZE:
+                return self._need_more()
+            header = self._header = self._parse_header()
+        payload_length, nfds = header
+        body = self._start + HEADER_SIZE
+        if self._end - body < payload_length:
+            return self._need_more()
+        if len(self._fds) < nfds:
+            self._fail(
+                f"a record announced {nfds} descriptor(s) but only "
+                f"{len(self._fds)} arrived with it: the peer attached fewer "
+                "descriptors than its header says"
+            )
+        with memoryview(self._buf) as view:
+            data = bytes(view[body : body + payload_length])
+        fds = tuple(self._fds.popleft() for _ in range(nfds))
+        self._start = body + payload_length
+        self._header = None
+        return Message._unchecked(data, fds)
+
+    def end_of_stream(self) -> None:
+        """Check that the peer closed at a clean point.
+
+        :raises ProtocolError: if the stream ended inside a record, or with
+            descriptors no record claimed.
+        """
+        self._check_usable()
+        if self._end > self._start:
+            self._fail(
+                f"the peer closed the connection in the middle of a record "
+                f"({self._end - self._start} byte(s) of it arrived); the record "
+                "and its descriptors were discarded"
+            )
+        if self._fds:
+            self._fail(
+                f"the peer closed the connection with {len(self._fds)} "
+                "descriptor(s) that no record claimed: it attached more "
+                "descriptors than its headers announced"
+            )
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def at_boundary(self) -> bool:
+        """``True`` when no partial record and no unclaimed descriptor is held."""
+        return self._end == self._start and not self._fds
+
+    @property
+    def buffered_fds(self) -> int:
+        """How many received descriptors wait for their record."""
+        return len(self._fds)
+
+    def close(self) -> None:
+        """Close every descriptor held and drop buffered bytes."""
+        while self._fds:
+            self._fds.popleft().close()
+        self._start = self._end = 0
+        self._header = None
+
+    # -- internals --------------------------------------------------------
+
+    def _pending(self) -> int:
+        return self._end - self._start
+
+    def _reserve(self, n: int) -> None:
+        """Make sure at least ``n`` bytes are free after ``_end``."""
+        if len(self._buf) - self._end >= n:
+            return
+        pending = self._end - self._start
+        if self._start:
+            # Move the undecoded tail to the front (once per read, not once
+            # per record, so many small records cost linear time).
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        if len(self._buf) - self._end < n:
+            self._buf.extend(bytes(n - (len(self._buf) - self._end)))
+        elif len(self._buf) > 4 * READ_SIZE and pending + n <= READ_SIZE:
+            # A big record went through; give the memory back.
+            del self._buf[READ_SIZE:]
+
+    def _parse_header(self) -> tuple[int, int]:
+        magic, version, flags, nfds, reserved, length = _HEADER.unpack_from(
+            self._buf, self._start
+        )
+        if magic != MAGIC:
+            self._fail(
+                f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): the peer "
+                "does not speak the aiofdpass record protocol, or the stream "
+                "lost its framing"
+            )
+        if version != VERSION:
+            self._fail(
+                f"unsupported protocol version {version} (this side speaks "
+                f"version {VERSION}); upgrade the older side"
+            )
+        if flags or reserved:
+            self._fail(
+                f"header flags {flags:#x} / reserved {reserved:#x} are not zero; "
+                "the peer uses a protocol extension this side does not know"
+            )
+        if length > self._limits.max_payload:
+            self._fail(
+                f"the peer announced a {length}-byte payload, over this "
+                f"channel's max_payload of {self._limits.max_payload}; raise "
+                "Limits.max_payload on the receiving side if that is intended"
+            )
+        if nfds > self._limits.max_fds:
+            self._fail(
+                f"the peer announced {nfds} descriptors in one record, over "
+                f"this channel's max_fds of {self._limits.max_fds}"
+            )
+        return length, nfds
+
+    def _need_more(self) -> None:
+        if len(self._fds) > SCM_MAX_FD:
+            self._fail(
+                f"{len(self._fds)} descriptors arrived that no complete record "
+                f"claims (a conforming peer has at most {SCM_MAX_FD} in flight "
+                "ahead of its records)"
+            )
+        return None
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.close()
+        self._failed = ProtocolError(reason)
+        raise self._failed
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise ProtocolError(
+                f"the decoder already failed: {self._failed}"
+            ) from self._failed

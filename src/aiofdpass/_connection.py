@@ -1,0 +1,78 @@
+"""What `FdChannel` and `FdStream` share: adopting a socket, state, closing."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio import TypedAttributeProvider
+from anyio.abc import SocketAttribute
+from anyio.lowlevel import checkpoint
+
+from ._transport import Transport
+
+__all__ = ["Connection", "adopt_fd"]
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """Wrap descriptor number ``fd`` in a socket that owns it."""
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
+    return socket.socket(fileno=fd)
+
+
+class Connection(TypedAttributeProvider):
+    """A connected AF_UNIX stream socket owned by a channel or stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._transport = Transport(sock)
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._receive_guard = anyio.ResourceGuard("receiving from")
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`aclose` was called."""
+        return self._transport.closed
+
+    def fileno(self) -> int:
+        """The underlying socket's descriptor (``-1`` once closed).
+
+        This lets the connection itself be passed as a descriptor, e.g. to
+        hand a channel to another process.
+        """
+        return self._transport.sock.fileno()
+
+    async def send_eof(self) -> None:
+        """Shut down the sending side; the peer receives end of stream.
+
+        Receiving still works. Later sends raise
+        :class:`anyio.ClosedResourceError`.
+        """
+        await checkpoint()
+        async with self._send_lock:
+            self._transport.shutdown_write()
+
+    async def aclose(self) -> None:
+        """Close the connection and every descriptor it still holds.
+
+        Tasks blocked in send or receive raise
+        :class:`anyio.ClosedResourceError`. Calling it again does nothing.
+        """
+        self._close_now()
+        await checkpoint()
+
+    def _close_now(self) -> None:
+        self._transport.close()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """anyio typed attributes: ``SocketAttribute.family``, addresses, raw socket."""
+        sock = self._transport.sock
+        return {
+            SocketAttribute.family: lambda: socket.AF_UNIX,
+            SocketAttribute.local_address: sock.getsockname,
+            SocketAttribute.remote_address: sock.getpeername,
+            SocketAttribute.raw_socket: lambda: sock,
+        }

@@ -1,0 +1,94 @@
+"""Turning what callers pass as descriptors into numbers, and closing them."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+from anyio import TypedAttributeProvider
+from anyio.abc import AsyncResource, SocketAttribute
+
+from ._fd import Fd
+
+__all__ = ["FileDescriptorLike", "close_sent", "filenos_of"]
+
+
+@runtime_checkable
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+#: What ``send`` accepts as a descriptor: a number, an object with
+#: ``fileno()`` (files, sockets, :class:`Fd`, trio sockets) or an anyio socket
+#: stream (its raw socket is used).
+FileDescriptorLike = int | _HasFileno | TypedAttributeProvider
+
+
+def _closed(what: str) -> OSError:
+    return OSError(errno.EBADF, f"cannot send {what}: it is closed")
+
+
+def fileno_of(obj: object) -> int:
+    """Return the descriptor number of ``obj`` without taking ownership.
+
+    :raises TypeError: if ``obj`` is not a descriptor.
+    :raises ValueError: for a negative number.
+    :raises OSError: ``EBADF`` if ``obj`` is closed.
+    """
+    if isinstance(obj, bool):
+        raise TypeError("a bool is not a descriptor")
+    if isinstance(obj, int):
+        if obj < 0:
+            raise ValueError(f"descriptor numbers are never negative, got {obj}")
+        return obj
+    if isinstance(obj, Fd):
+        if obj.closed:
+            raise _closed(repr(obj))
+        return obj.fileno()
+    if isinstance(obj, io.IOBase) and obj.closed:
+        raise _closed(f"file {obj!r}")
+    if isinstance(obj, _HasFileno):
+        fd = obj.fileno()
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"{type(obj).__name__}.fileno() returned {fd!r}")
+        if fd < 0:  # a closed socket.socket says -1
+            raise _closed(repr(obj))
+        return fd
+    if isinstance(obj, TypedAttributeProvider):
+        raw = obj.extra(SocketAttribute.raw_socket, None)
+        if raw is not None:
+            return fileno_of(raw)
+    raise TypeError(
+        f"cannot send {type(obj).__name__} as a descriptor: pass an int, an "
+        "object with fileno() (file, socket, Fd) or an anyio socket stream"
+    )
+
+
+def filenos_of(objs: Iterable[object]) -> list[int]:
+    """Return the descriptor numbers of ``objs``, checking every one first."""
+    return [fileno_of(obj) for obj in objs]
+
+
+async def close_sent(objs: Iterable[Any]) -> None:
+    """Close the caller's copies after a successful send (``close_fds=True``).
+
+    A later close that fails does not stop the others from being closed.
+    """
+    errors: list[BaseException] = []
+    for obj in objs:
+        try:
+            if isinstance(obj, int):
+                os.close(obj)
+            elif hasattr(obj, "close"):
+                obj.close()
+            elif isinstance(obj, AsyncResource):
+                with anyio.CancelScope(shield=True):
+                    await obj.aclose()
+        except Exception as exc:  # noqa: PERF203
+            errors.append(exc)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,46 @@
+"""The library's own exceptions.
+
+Transport states reuse anyio's exceptions (``EndOfStream``,
+``ClosedResourceError``, ``BrokenResourceError``, ``BusyResourceError``); the
+classes here cover what anyio has no name for: a peer that broke the framing,
+descriptors the kernel dropped, and a local send over a limit.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DescriptorsLostError", "FdPassError", "LimitError", "ProtocolError"]
+
+
+class FdPassError(Exception):
+    """Base class of every error that aiofdpass defines itself."""
+
+
+class ProtocolError(FdPassError):
+    """The peer broke the record framing.
+
+    Raised on receive for a bad magic or version, a record over a limit, a
+    descriptor count that does not match the header, or end of stream in the
+    middle of a record. Every descriptor the channel held has been closed and
+    the channel is broken: later calls raise :class:`anyio.BrokenResourceError`.
+    Close the channel; a new connection starts from a clean state.
+    """
+
+
+class DescriptorsLostError(FdPassError):
+    """The kernel dropped descriptors that the peer sent (``MSG_CTRUNC``).
+
+    This happens when the receiving process is at its ``RLIMIT_NOFILE`` limit
+    (``EMFILE``) or its control buffer was too small. The bytes arrived but
+    some descriptors did not, so the stream cannot be trusted any more: the
+    descriptors that did arrive have been closed and the channel is broken.
+    Close descriptors you no longer need (or raise the limit) and reconnect.
+    """
+
+
+class LimitError(FdPassError):
+    """A record to be sent is over a limit; nothing was written.
+
+    The channel is still usable and the caller still owns every descriptor
+    it passed. Send a smaller record, fewer descriptors, or raise the
+    channel's :class:`~aiofdpass.Limits`.
+    """

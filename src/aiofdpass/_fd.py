@@ -1,0 +1,135 @@
+"""`Fd`: an owned descriptor that closes exactly once."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from types import TracebackType
+from typing import IO, Any
+
+__all__ = ["Fd"]
+
+
+class Fd:
+    """An open file descriptor that this object owns.
+
+    Every descriptor that aiofdpass receives is handed over as an ``Fd``. It
+    closes its descriptor exactly once: on :meth:`close`, at the end of a
+    ``with`` block, or (with a :class:`ResourceWarning`) when it is garbage
+    collected while still open. After :meth:`take` or :meth:`close` the
+    object forgets the number, so a stale number can never reach a file that
+    the process opened later under the same number.
+
+    :param fd: a descriptor number; the new object owns it from now on.
+    """
+
+    __slots__ = ("__weakref__", "_fd")
+
+    def __init__(self, fd: int) -> None:
+        if isinstance(fd, bool) or not isinstance(fd, int):
+            raise TypeError(f"Fd() takes a descriptor number, not {type(fd).__name__}")
+        if fd < 0:
+            raise ValueError(f"a descriptor number is never negative, got {fd}")
+        self._fd = fd
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once the descriptor was closed or taken."""
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """Return the descriptor number; the object keeps owning it.
+
+        :raises ValueError: if the descriptor was already closed or taken.
+        """
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed or taken Fd")
+        return self._fd
+
+    def take(self) -> int:
+        """Hand the descriptor number to the caller, who must close it.
+
+        The object forgets the number and counts as closed afterwards.
+
+        :raises ValueError: if the descriptor was already closed or taken.
+        """
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the descriptor. Calling it again does nothing."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def to_file(
+        self,
+        mode: str = "rb",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> IO[Any]:
+        """Wrap the descriptor in a file object that now owns it.
+
+        The arguments are those of :func:`open`. If they are invalid the
+        ``Fd`` still owns the descriptor, so nothing leaks.
+
+        :raises ValueError: if the ``Fd`` is closed or an argument is invalid.
+        """
+        fd = self.fileno()
+        # Try the arguments with closefd=False first: a failure then leaves
+        # the descriptor open and owned by us. The second open cannot fail
+        # for a reason the first did not.
+        trial = open(  # noqa: SIM115
+            fd, mode, buffering, encoding, errors, newline, closefd=False
+        )
+        trial.close()
+        file = open(fd, mode, buffering, encoding, errors, newline)  # noqa: SIM115
+        self._fd = -1
+        return file
+
+    def to_socket(self) -> socket.socket:
+        """Wrap the descriptor in a :class:`socket.socket` that now owns it.
+
+        The family, type and protocol are read from the descriptor.
+
+        :raises OSError: ``ENOTSOCK`` if it is not a socket; the ``Fd`` then
+            still owns the descriptor.
+        :raises ValueError: if the ``Fd`` is closed.
+        """
+        sock = socket.socket(fileno=self.fileno())
+        self._fd = -1
+        return sock
+
+    def __enter__(self) -> Fd:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            fd = self._fd
+            self._fd = -1
+            try:
+                os.close(fd)
+            finally:
+                warnings.warn(
+                    f"unclosed Fd({fd}): close received descriptors, or use "
+                    "`with`, `Message.close()` or `Fd.take()`",
+                    ResourceWarning,
+                    stacklevel=1,
+                    source=self,
+                )
+
+    def __repr__(self) -> str:
+        return f"<Fd {self._fd}>" if self._fd >= 0 else "<Fd closed>"
+

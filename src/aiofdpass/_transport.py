@@ -1,0 +1,306 @@
+"""The syscall layer: ``sendmsg``/``recvmsg`` with descriptors on a non-blocking socket.
+
+Everything that touches the socket lives here, including the one place where
+``OSError`` becomes anyio's transport exceptions. The framing above it never
+sees a socket; this layer never sees a record.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NoReturn
+
+import anyio
+from anyio import BrokenResourceError, ClosedResourceError
+
+from ._errors import DescriptorsLostError, LimitError
+from ._fd import Fd
+from ._message import SCM_MAX_FD
+
+__all__ = ["ANCILLARY_BUFSIZE", "Transport", "parse_ancillary"]
+
+_INT_SIZE = array.array("i").itemsize
+
+# SCM_PIDFD (Linux 6.5+, when SO_PASSPIDFD is on) carries a pidfd: a
+# descriptor, which must be closed like any other. Python 3.11 lacks the name.
+_SCM_PIDFD = getattr(socket, "SCM_PIDFD", 0x04 if sys.platform == "linux" else None)
+_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", None)
+
+#: Room for the most descriptors one sendmsg can carry, sized with CMSG_SPACE
+#: (BSDs drop descriptors from a CMSG_LEN-sized buffer), plus the credentials
+#: message that arrives first when SO_PASSCRED is on and a pidfd message with
+#: SO_PASSPIDFD; without that room those would cause a false MSG_CTRUNC.
+ANCILLARY_BUFSIZE = (
+    socket.CMSG_SPACE(SCM_MAX_FD * _INT_SIZE)
+    + socket.CMSG_SPACE(struct.calcsize("3i"))
+    + socket.CMSG_SPACE(_INT_SIZE)
+)
+
+# Received descriptors are close-on-exec from the moment they exist, so a
+# concurrent fork+exec cannot inherit them. Where the flag is missing
+# (macOS) parse_ancillary sets FD_CLOEXEC right after the receive.
+_CLOEXEC_FLAG = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# A peer that closed gives EPIPE, never SIGPIPE, even in a process that
+# restored the default SIGPIPE handler.
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[Fd]:
+    """Take ownership of every descriptor in ``ancdata``; return the passed ones.
+
+    Every descriptor is wrapped before anything else happens, so nothing can
+    leak if a later step fails. Descriptors other than ``SCM_RIGHTS`` (a
+    pidfd from ``SO_PASSPIDFD``) are closed; credentials are ignored.
+    """
+    passed: list[Fd] = []
+    others: list[Fd] = []
+    for level, kind, data in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_RIGHTS or kind == _SCM_PIDFD:
+            fds = array.array("i")
+            # A trailing partial int can appear when the buffer was cut.
+            fds.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+            (passed if kind == socket.SCM_RIGHTS else others).extend(map(Fd, fds))
+    for fd in others:
+        fd.close()
+    if not _CLOEXEC_FLAG:  # pragma: no cover - Linux has MSG_CMSG_CLOEXEC
+        for fd in passed:
+            flags = fcntl.fcntl(fd.fileno(), fcntl.F_GETFD)
+            fcntl.fcntl(fd.fileno(), fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    return passed
+
+
+def _close_all(fds: list[Fd]) -> None:
+    for fd in fds:
+        fd.close()
+
+
+def check_unix_stream(sock: socket.socket) -> None:
+    """Raise ``ValueError`` unless ``sock`` is a usable AF_UNIX stream socket."""
+    if not isinstance(sock, socket.socket):
+        raise TypeError(
+            f"expected a socket.socket, not {type(sock).__name__}; for a "
+            "descriptor number use from_fd()"
+        )
+    if sock.fileno() < 0:
+        raise OSError(errno.EBADF, "the socket is closed")
+    if sock.family != socket.AF_UNIX:
+        raise ValueError(
+            f"descriptors can only travel over AF_UNIX sockets, not {sock.family!r}"
+        )
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(
+            f"aiofdpass needs a SOCK_STREAM socket, not {sock.type!r}: "
+            "framing is done by the library, and SOCK_SEQPACKET/SOCK_DGRAM "
+            "truncate records that do not fit the read buffer"
+        )
+
+
+class Transport:
+    """A connected, non-blocking AF_UNIX stream socket that it owns.
+
+    Callers serialise their own access: one receiver at a time, one sender at
+    a time. The transport knows whether it was closed (by us: calls raise
+    ``ClosedResourceError``) or broken (calls raise ``BrokenResourceError``).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        check_unix_stream(sock)
+        sock.setblocking(False)
+        self.sock = sock
+        self.closed = False
+        self.write_shut = False
+        self._broken: BaseException | None = None
+        self._broken_reason = ""
+
+    # -- state ------------------------------------------------------------
+
+    def check_open(self) -> None:
+        """Raise if the transport was closed or broken."""
+        if self.closed:
+            raise ClosedResourceError("this channel was closed with aclose()")
+        if self._broken is not None:
+            raise BrokenResourceError(
+                f"this channel is broken ({self._broken_reason}); close it and "
+                "open a new connection"
+            ) from self._broken
+
+    def check_writable(self) -> None:
+        """Raise if sending is no longer possible."""
+        self.check_open()
+        if self.write_shut:
+            raise ClosedResourceError(
+                "the sending side was shut down with send_eof(); nothing more "
+                "can be sent on this channel"
+            )
+
+    def mark_broken(self, exc: BaseException, reason: str) -> None:
+        """Break the connection: the peer sees end of stream, we see errors."""
+        if self._broken is None and not self.closed:
+            self._broken = exc
+            self._broken_reason = reason
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close the socket, waking every task waiting on it."""
+        if not self.closed:
+            self.closed = True
+            if self.sock.fileno() >= 0:
+                anyio.notify_closing(self.sock)
+            self.sock.close()
+
+    def shutdown_write(self) -> None:
+        """Shut down the sending direction (the peer reads end of stream)."""
+        self.check_writable()
+        self.write_shut = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._raise_translated(exc, "send_eof")
+
+    # -- I/O --------------------------------------------------------------
+
+    async def recv_into(self, buf: memoryview) -> tuple[int, list[Fd]]:
+        """Read once into ``buf``: return the byte count and the descriptors.
+
+        0 bytes means end of stream. Waits for readability only after
+        ``EAGAIN``. The caller must have checkpointed already; once the
+        syscall returns there is no await, so nothing read is lost to
+        cancellation.
+
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``, after closing the
+            descriptors that did arrive; the transport is then broken.
+        """
+        sock = self.sock
+        while True:
+            try:
+                nbytes, ancdata, flags, _ = sock.recvmsg_into(
+                    [buf], ANCILLARY_BUFSIZE, _CLOEXEC_FLAG
+                )
+            except BlockingIOError:
+                await self._wait(anyio.wait_readable)
+                continue
+            except OSError as exc:
+                self._raise_translated(exc, "receive")
+            fds = parse_ancillary(ancdata) if ancdata else []
+            if self._broken is not None:
+                # Another task broke the connection while we waited.
+                _close_all(fds)
+                self.check_open()
+            if flags & socket.MSG_CTRUNC:
+                got = len(fds)
+                _close_all(fds)
+                lost = DescriptorsLostError(
+                    f"the kernel dropped descriptors sent to this process "
+                    f"(MSG_CTRUNC; {got} arrived and were closed). Usually the "
+                    "process is at its open-file limit (RLIMIT_NOFILE): close "
+                    "descriptors or raise the limit, then reconnect"
+                )
+                self.mark_broken(lost, "descriptors were lost (MSG_CTRUNC)")
+                raise lost
+            return nbytes, fds
+
+    async def send_all(self, buffers: list[memoryview], fds: Sequence[int]) -> None:
+        """Write every byte of ``buffers``; ``fds`` go with the first ``sendmsg``.
+
+        Later ``sendmsg`` calls of the same write carry no control message:
+        sending the descriptors again would duplicate them. If this fails or
+        is cancelled after some bytes were written, the transport is broken
+        (the peer sees end of stream in the middle of a record); if it fails
+        before any byte was written, nothing was sent and the caller still
+        owns its descriptors.
+
+        :raises OSError: ``EBADF`` if a descriptor is not open (nothing sent).
+        :raises LimitError: ``ETOOMANYREFS``: too many descriptors in flight.
+        """
+        ancdata = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            if fds
+            else []
+        )
+        sock = self.sock
+        sent_any = False
+        try:
+            while True:
+                try:
+                    sent = sock.sendmsg(buffers, ancdata, _SEND_FLAGS)
+                except BlockingIOError:
+                    await self._wait(anyio.wait_writable)
+                    continue
+                except OSError as exc:
+                    if not sent_any:
+                        self._raise_descriptor_error(exc, fds)
+                    self._raise_translated(exc, "send")
+                sent_any = True
+                ancdata = []
+                # Drop what was written; keep the rest for the next call.
+                while sent:
+                    first = buffers[0]
+                    if sent >= len(first):
+                        sent -= len(first)
+                        del buffers[0]
+                    else:
+                        buffers[0] = first[sent:]
+                        sent = 0
+                while buffers and not buffers[0]:
+                    del buffers[0]
+                if not buffers:
+                    return
+        except BaseException as exc:
+            if sent_any and buffers:
+                self.mark_broken(
+                    exc, "a send was interrupted after part of a record was written"
+                )
+            raise
+
+    # -- internals --------------------------------------------------------
+
+    async def _wait(self, waiter: Callable[[socket.socket], Awaitable[None]]) -> None:
+        try:
+            await waiter(self.sock)
+        except ClosedResourceError:
+            raise ClosedResourceError(
+                "this channel was closed with aclose() while waiting"
+            ) from None
+
+    def _raise_descriptor_error(self, exc: OSError, fds: Sequence[int]) -> None:
+        """Raise the error for a ``sendmsg`` that refused our descriptors."""
+        if exc.errno == errno.EBADF and fds and not self.closed:
+            for fd in fds:
+                try:
+                    fcntl.fcntl(fd, fcntl.F_GETFD)
+                except OSError:
+                    raise OSError(
+                        errno.EBADF,
+                        f"descriptor {fd} is not open (was it closed before "
+                        "send?); nothing was sent",
+                    ) from None
+        if exc.errno == errno.ETOOMANYREFS:
+            raise LimitError(
+                "the kernel refused the descriptors (ETOOMANYREFS): this "
+                "process has more descriptors in flight than its "
+                "RLIMIT_NOFILE allows; wait for the peer to receive some, "
+                "or raise the limit. Nothing was sent"
+            ) from exc
+
+    def _raise_translated(self, exc: OSError, what: str) -> NoReturn:
+        if self.closed:
+            raise ClosedResourceError(
+                f"this channel was closed with aclose() during {what}"
+            ) from None
+        broken = BrokenResourceError(
+            f"{what} failed: {exc.strerror or exc}; the connection is gone, "
+            "close this channel"
+        )
+        self.mark_broken(exc, f"{what} failed: {exc.strerror or exc}")
+        raise broken from exc

@@ -1,0 +1,323 @@
+"""Socket paths: `connect`, `connect_stream`, `listen` and `FdListener`."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, NoReturn, Union
+
+import anyio
+from anyio import ClosedResourceError
+from anyio.abc import Listener, SocketAttribute, TaskGroup
+from anyio.lowlevel import checkpoint
+
+from ._channel import FdChannel
+from ._message import Limits
+from ._stream import FdStream
+
+__all__ = ["FdListener", "connect", "connect_stream", "listen"]
+
+logger = logging.getLogger("aiofdpass")
+
+#: A socket path: ``str``, ``bytes`` or ``os.PathLike``. A name that starts
+#: with a NUL byte is in Linux's abstract namespace (no file is created).
+SocketPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# How long serve() waits before accepting again when out of descriptors.
+_EMFILE_BACKOFF = 0.1
+
+
+def _normalize(path: SocketPath) -> str | bytes:
+    p = os.fspath(path)
+    if not p:
+        raise ValueError("the socket path is empty")
+    if p[:1] in ("\0", b"\0"):
+        return p  # abstract namespace: keep it exactly as given
+    return os.fsdecode(p)
+
+
+def _describe(path: str | bytes) -> str:
+    return repr(path)
+
+
+async def _connect_socket(path: SocketPath) -> socket.socket:
+    p = _normalize(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await checkpoint()
+        delay = 0.001
+        while True:
+            try:
+                sock.connect(p)
+                return sock
+            except BlockingIOError:
+                # Linux: the listener's backlog is full. There is no
+                # readiness event for that, so back off and retry.
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot connect to {_describe(p)}: {exc.strerror}"
+                ) from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def connect(path: SocketPath, *, limits: Limits | None = None) -> FdChannel:
+    """Connect to a listening socket and return an :class:`FdChannel`.
+
+    :param path: the socket path (``str``, ``bytes``, ``os.PathLike``); a
+        leading NUL byte means Linux's abstract namespace.
+    :param limits: record limits for the channel.
+    :raises FileNotFoundError: if nothing exists at ``path``.
+    :raises ConnectionRefusedError: if nobody listens there.
+    """
+    return FdChannel(await _connect_socket(path), limits=limits)
+
+
+async def connect_stream(path: SocketPath) -> FdStream:
+    """Connect to a listening socket and return an unframed :class:`FdStream`."""
+    return FdStream(await _connect_socket(path))
+
+
+def _is_live_socket(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except BlockingIOError:
+        return True  # alive, backlog full
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def _bind_file(sock: socket.socket, path: str, mode: int) -> os.stat_result:
+    """Bind ``sock`` at ``path`` with ``mode``, never more open than that.
+
+    The socket is bound inside a fresh private directory (0700), given its
+    mode there, then hard-linked into place: the path never exists with
+    looser permissions, and ``link`` fails rather than replace anything that
+    appeared at ``path`` in the meantime. Works with threads (no umask).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{path!r} exists and is not a socket; refusing to replace it. "
+                "Remove it yourself or choose another path",
+            )
+        if _is_live_socket(path):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"another process is listening on {path!r}; stop it or choose "
+                "another path",
+            )
+        os.unlink(path)  # a stale socket left by a process that died
+    tmpdir = tempfile.mkdtemp(prefix=".afd", dir=os.path.dirname(path) or ".")
+    tmp = os.path.join(tmpdir, "s")
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, mode)
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.rmdir(tmpdir)
+    return os.stat(path)
+
+
+async def listen(
+    path: SocketPath,
+    *,
+    mode: int = 0o600,
+    backlog: int = socket.SOMAXCONN,
+    limits: Limits | None = None,
+) -> FdListener:
+    """Listen on a UNIX socket path and return an :class:`FdListener`.
+
+    A stale socket file (nobody listening) is replaced; a live one, or a
+    path that is not a socket, is never touched.
+
+    :param path: where to listen; a leading NUL byte means the abstract
+        namespace (no file, ``mode`` does not apply).
+    :param mode: permissions of the socket file (default ``0o600``: only
+        this user may connect).
+    :param backlog: the ``listen`` backlog (the kernel caps it at
+        ``net.core.somaxconn``).
+    :param limits: record limits for every accepted channel.
+    :raises FileExistsError: if ``path`` exists and is not a socket.
+    :raises OSError: ``EADDRINUSE`` if a server is listening there.
+    """
+    p = _normalize(path)
+    await checkpoint()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if isinstance(p, str) and not p.startswith("\0"):
+            identity = _bind_file(sock, p, mode)
+        else:
+            sock.bind(p)
+            identity = None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return FdListener(sock, path=p, identity=identity, limits=limits)
+
+
+class FdListener(Listener[FdChannel]):
+    """A listening UNIX socket that accepts :class:`FdChannel` connections.
+
+    An :class:`anyio.abc.Listener`, made by :func:`listen`. Use it as an
+    async context manager, or call :meth:`aclose`, which also removes the
+    socket file it created.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        path: str | bytes,
+        identity: os.stat_result | None,
+        limits: Limits | None,
+    ) -> None:
+        self._sock = sock
+        self._path = path
+        self._identity = identity
+        self._limits = limits
+        self._closed = False
+        self._accept_guard = anyio.ResourceGuard("accepting connections from")
+
+    @property
+    def path(self) -> str | bytes:
+        """The path this listener is bound to."""
+        return self._path
+
+    async def accept(self) -> FdChannel:
+        """Wait for a connection and return it as an :class:`FdChannel`.
+
+        :raises anyio.ClosedResourceError: if the listener was closed.
+        :raises anyio.BusyResourceError: if another task is accepting.
+        :raises OSError: ``EMFILE`` if this process is out of descriptors.
+        """
+        with self._accept_guard:
+            await checkpoint()
+            while True:
+                if self._closed:
+                    raise ClosedResourceError("this listener was closed")
+                try:
+                    conn, _ = self._sock.accept()
+                except BlockingIOError:
+                    try:
+                        await anyio.wait_readable(self._sock)
+                    except ClosedResourceError:
+                        raise ClosedResourceError("this listener was closed") from None
+                    continue
+                except (ConnectionAbortedError, InterruptedError):
+                    continue  # the client gave up before we accepted it
+                except OSError:
+                    if self._closed:
+                        raise ClosedResourceError("this listener was closed") from None
+                    raise
+                try:
+                    return FdChannel(conn, limits=self._limits)
+                except BaseException:
+                    conn.close()
+                    raise
+
+    async def serve(
+        self,
+        handler: Callable[[FdChannel], Awaitable[Any]],
+        task_group: TaskGroup | None = None,
+    ) -> NoReturn:
+        """Accept connections forever, running ``handler(channel)`` in a task each.
+
+        Each channel is closed when its handler returns or raises; an
+        exception from a handler is logged (logger ``"aiofdpass"``) and does
+        not stop the server. Running out of descriptors (``EMFILE``) is
+        logged and retried. Stop it by cancelling, or by closing the
+        listener (``serve`` then raises :class:`anyio.ClosedResourceError`).
+
+        :param task_group: where to run the handlers; by default a task group
+            of its own, which waits for running handlers on the way out.
+        """
+
+        async def run(channel: FdChannel) -> None:
+            async with channel:
+                try:
+                    await handler(channel)
+                except Exception:
+                    logger.exception(
+                        "connection handler %r raised; its channel was closed "
+                        "and the server goes on",
+                        handler,
+                    )
+
+        async with AsyncExitStack() as stack:
+            if task_group is None:
+                task_group = await stack.enter_async_context(
+                    anyio.create_task_group()
+                )
+            while True:
+                try:
+                    channel = await self.accept()
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    logger.warning(
+                        "accept failed: %s; retrying in %ss", exc, _EMFILE_BACKOFF
+                    )
+                    await anyio.sleep(_EMFILE_BACKOFF)
+                    continue
+                task_group.start_soon(run, channel)
+
+    async def aclose(self) -> None:
+        """Stop listening and remove the socket file this listener created.
+
+        The file is removed only if it is still the one this listener
+        created (a successor may have replaced it). Calling it again does
+        nothing.
+        """
+        if not self._closed:
+            self._closed = True
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+            self._unlink_own_file()
+        await checkpoint()
+
+    def _unlink_own_file(self) -> None:
+        if self._identity is None or not isinstance(self._path, str):
+            return
+        try:
+            st = os.lstat(self._path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == (self._identity.st_dev, self._identity.st_ino):
+            os.unlink(self._path)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """anyio typed attributes: family, local address (the path), raw socket."""
+        return {
+            SocketAttribute.family: lambda: socket.AF_UNIX,
+            SocketAttribute.local_address: lambda: self._path,
+            SocketAttribute.raw_socket: lambda: self._sock,
+        }
