@@ -43,6 +43,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._limits = limits or _DEFAULT_LIMITS
         self._decoder = RecordDecoder(self._limits)
         self._eof = False
+        # A broken channel closes its buffered descriptors at once.
+        self._transport.on_break = self._decoder.close
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, limits: Limits | None = None) -> Self:
@@ -116,8 +118,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         if isinstance(data, Message):
             if fds:
                 raise ValueError(
-                    "pass descriptors either inside the Message or as fds=, "
-                    "not both"
+                    "pass descriptors either inside the Message or as fds=, not both"
                 )
             fds = data.fds
             payload = memoryview(data.data)

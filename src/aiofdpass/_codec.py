@@ -115,7 +115,9 @@ class RecordDecoder:
             raise ValueError(f"commit({nbytes}) is more than get_buffer() offered")
         self._end += nbytes
 
-    def feed(self, data: bytes | bytearray | memoryview, fds: Iterable[Fd] = ()) -> None:
+    def feed(
+        self, data: bytes | bytearray | memoryview, fds: Iterable[Fd] = ()
+    ) -> None:
         """Copy ``data`` in, with the descriptors that arrived with it."""
         fds = list(fds)
         if self._failed is not None:
@@ -136,12 +138,14 @@ class RecordDecoder:
         header = self._header
         if header is None:
             if self._end - self._start < HEADER_SIZE:
-                return self._need_more()
+                self._check_unclaimed()
+                return None
             header = self._header = self._parse_header()
         payload_length, nfds = header
         body = self._start + HEADER_SIZE
         if self._end - body < payload_length:
-            return self._need_more()
+            self._check_unclaimed()
+            return None
         if len(self._fds) < nfds:
             self._fail(
                 f"a record announced {nfds} descriptor(s) but only "
@@ -248,14 +252,13 @@ class RecordDecoder:
             )
         return length, nfds
 
-    def _need_more(self) -> None:
+    def _check_unclaimed(self) -> None:
         if len(self._fds) > SCM_MAX_FD:
             self._fail(
                 f"{len(self._fds)} descriptors arrived that no complete record "
                 f"claims (a conforming peer has at most {SCM_MAX_FD} in flight "
                 "ahead of its records)"
             )
-        return None
 
     def _fail(self, reason: str) -> NoReturn:
         self.close()

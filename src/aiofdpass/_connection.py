@@ -37,7 +37,7 @@ class Connection(TypedAttributeProvider):
         return self._transport.closed
 
     def fileno(self) -> int:
-        """The underlying socket's descriptor (``-1`` once closed).
+        """Return the underlying socket's descriptor (``-1`` once closed).
 
         This lets the connection itself be passed as a descriptor, e.g. to
         hand a channel to another process.
@@ -68,7 +68,7 @@ class Connection(TypedAttributeProvider):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        """anyio typed attributes: ``SocketAttribute.family``, addresses, raw socket."""
+        """Anyio typed attributes: ``SocketAttribute.family``, addresses, raw socket."""
         sock = self._transport.sock
         return {
             SocketAttribute.family: lambda: socket.AF_UNIX,

@@ -88,7 +88,7 @@ async def close_sent(objs: Iterable[Any]) -> None:
             elif isinstance(obj, AsyncResource):
                 with anyio.CancelScope(shield=True):
                     await obj.aclose()
-        except Exception as exc:  # noqa: PERF203
+        except Exception as exc:
             errors.append(exc)
     if errors:
         raise errors[0]

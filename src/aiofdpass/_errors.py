@@ -18,9 +18,10 @@ class FdPassError(Exception):
 class ProtocolError(FdPassError):
     """The peer broke the record framing.
 
-    Raised on receive for a bad magic or version, a record over a limit, a
-    descriptor count that does not match the header, or end of stream in the
-    middle of a record. Every descriptor the channel held has been closed and
+    Raised on receive for a bad magic or version, a record over a limit,
+    fewer descriptors than a record's header announced, descriptors that no
+    record claims (seen at end of stream, or when more than 253 pile up), or
+    end of stream in the middle of a record. Every descriptor the channel held has been closed and
     the channel is broken: later calls raise :class:`anyio.BrokenResourceError`.
     Close the channel; a new connection starts from a clean state.
     """
@@ -32,7 +33,8 @@ class DescriptorsLostError(FdPassError):
     This happens when the receiving process is at its ``RLIMIT_NOFILE`` limit
     (``EMFILE``) or its control buffer was too small. The bytes arrived but
     some descriptors did not, so the stream cannot be trusted any more: the
-    descriptors that did arrive have been closed and the channel is broken.
+    descriptors that did arrive, and every descriptor the channel still
+    buffered, have been closed, and the channel is broken.
     Close descriptors you no longer need (or raise the limit) and reconnect.
     """
 

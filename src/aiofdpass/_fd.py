@@ -132,4 +132,3 @@ class Fd:
 
     def __repr__(self) -> str:
         return f"<Fd {self._fd}>" if self._fd >= 0 else "<Fd closed>"
-

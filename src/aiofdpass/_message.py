@@ -27,7 +27,8 @@ class Limits:
 
     A record over a limit is refused on send with :class:`LimitError` before
     anything is written, and on receive with :class:`ProtocolError` as soon
-    as its header arrives, before any of its payload is buffered.
+    as its header arrives: the buffer never grows for it (at most the one
+    read that brought the header, 64 KiB, is held).
 
     :param max_payload: the largest payload in bytes (default 16 MiB, at
         most 2**32 - 1, the largest length the header can carry).

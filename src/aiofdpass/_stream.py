@@ -84,7 +84,7 @@ class FdStream(Connection, AsyncResource):
             await close_sent(objs)
 
     async def receive_with_fds(self, max_bytes: int = 65536) -> tuple[bytes, list[Fd]]:
-        """Read once: return up to ``max_bytes`` and the descriptors that came with them.
+        """Read once: return up to ``max_bytes`` and the descriptors that came too.
 
         :raises anyio.EndOfStream: when the peer closed its sending side.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.

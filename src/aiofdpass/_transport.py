@@ -8,6 +8,7 @@ sees a socket; this layer never sees a record.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import socket
@@ -30,7 +31,6 @@ _INT_SIZE = array.array("i").itemsize
 # SCM_PIDFD (Linux 6.5+, when SO_PASSPIDFD is on) carries a pidfd: a
 # descriptor, which must be closed like any other. Python 3.11 lacks the name.
 _SCM_PIDFD = getattr(socket, "SCM_PIDFD", 0x04 if sys.platform == "linux" else None)
-_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", None)
 
 #: Room for the most descriptors one sendmsg can carry, sized with CMSG_SPACE
 #: (BSDs drop descriptors from a CMSG_LEN-sized buffer), plus the credentials
@@ -119,6 +119,9 @@ class Transport:
         self.write_shut = False
         self._broken: BaseException | None = None
         self._broken_reason = ""
+        #: Called once when the transport breaks, to release what the layer
+        #: above holds (buffered records and their descriptors).
+        self.on_break: Callable[[], None] | None = None
 
     # -- state ------------------------------------------------------------
 
@@ -146,10 +149,10 @@ class Transport:
         if self._broken is None and not self.closed:
             self._broken = exc
             self._broken_reason = reason
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if self.on_break is not None:
+                self.on_break()
 
     def close(self) -> None:
         """Close the socket, waking every task waiting on it."""

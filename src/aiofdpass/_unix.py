@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, Union
 
@@ -33,6 +34,29 @@ SocketPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 _EMFILE_BACKOFF = 0.1
 
 
+# sizeof(sockaddr_un.sun_path) on Linux, including the terminating NUL.
+_SUN_PATH_MAX = 108
+
+
+@contextlib.contextmanager
+def _sun_path(path: str | bytes) -> Iterator[str | bytes]:
+    """Yield a name for ``path`` that fits in ``sun_path``.
+
+    A file path too long for ``sun_path`` is reached through
+    ``/proc/self/fd/N/<name>``, where N is its directory opened with
+    ``O_PATH``: the kernel resolves it to the same place.
+    """
+    if isinstance(path, bytes) or len(os.fsencode(path)) < _SUN_PATH_MAX:
+        yield path
+        return
+    directory, name = os.path.split(path)
+    dirfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dirfd}/{name}"
+    finally:
+        os.close(dirfd)
+
+
 def _normalize(path: SocketPath) -> str | bytes:
     p = os.fspath(path)
     if not p:
@@ -55,7 +79,8 @@ async def _connect_socket(path: SocketPath) -> socket.socket:
         delay = 0.001
         while True:
             try:
-                sock.connect(p)
+                with _sun_path(p) as name:
+                    sock.connect(name)
                 return sock
             except BlockingIOError:
                 # Linux: the listener's backlog is full. There is no
@@ -92,7 +117,8 @@ def _is_live_socket(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
-        probe.connect(path)
+        with _sun_path(path) as name:
+            probe.connect(name)
     except BlockingIOError:
         return True  # alive, backlog full
     except OSError:
@@ -132,14 +158,13 @@ def _bind_file(sock: socket.socket, path: str, mode: int) -> os.stat_result:
     tmpdir = tempfile.mkdtemp(prefix=".afd", dir=os.path.dirname(path) or ".")
     tmp = os.path.join(tmpdir, "s")
     try:
-        sock.bind(tmp)
+        with _sun_path(tmp) as name:
+            sock.bind(name)
         os.chmod(tmp, mode)
         os.link(tmp, path)
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         os.rmdir(tmpdir)
     return os.stat(path)
 
@@ -273,9 +298,7 @@ class FdListener(Listener[FdChannel]):
 
         async with AsyncExitStack() as stack:
             if task_group is None:
-                task_group = await stack.enter_async_context(
-                    anyio.create_task_group()
-                )
+                task_group = await stack.enter_async_context(anyio.create_task_group())
             while True:
                 try:
                     channel = await self.accept()
@@ -315,7 +338,7 @@ class FdListener(Listener[FdChannel]):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        """anyio typed attributes: family, local address (the path), raw socket."""
+        """Anyio typed attributes: family, local address (the path), raw socket."""
         return {
             SocketAttribute.family: lambda: socket.AF_UNIX,
             SocketAttribute.local_address: lambda: self._path,

@@ -1,0 +1,81 @@
+"""A second process for the cross-process tests: ``python child.py MODE FD BACKEND``."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import tempfile
+
+import anyio
+
+import aiofdpass
+from aiofdpass import DescriptorsLostError, FdChannel
+from aiofdpass._codec import encode_header
+
+
+async def send_kinds(chan: FdChannel) -> None:
+    """Send a pipe, a file, a socket and a memfd; then serve the socket."""
+    r, w = os.pipe()
+    os.write(w, b"pipe-data")
+    os.close(w)
+    f = tempfile.TemporaryFile()
+    f.write(b"file-data")
+    f.seek(0)
+    mine, theirs = socket.socketpair()
+    m = os.memfd_create("child")
+    os.write(m, b"memfd-data")
+    await chan.send(b"kinds", [r, f, theirs, m], close_fds=True)
+    assert mine.recv(4) == b"ping"
+    mine.sendall(b"pong")
+    mine.close()
+
+
+async def at_fd_limit(chan: FdChannel) -> None:
+    """Receive at a lowered RLIMIT_NOFILE; report what happened."""
+    used = {int(x) for x in os.listdir("/proc/self/fd")}
+    limit = next(n for n in range(1, 10_000) if n - len(used & set(range(n))) == 2)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    await chan.send(b"ready")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        await chan.receive()
+    except DescriptorsLostError:
+        print("lost", flush=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit + 10, hard))
+    # The process is fine: it can still make and use new channels.
+    a, b = aiofdpass.channel_pair()
+    async with a, b:
+        await a.send(b"still-works", [0])
+        with await b.receive() as msg:
+            print(msg.data.decode(), len(msg.fds), flush=True)
+
+
+async def die_mid_record(chan: FdChannel) -> None:
+    """Write half a record with its fd, then die by SIGKILL."""
+    sock = chan.extra(anyio.abc.SocketAttribute.raw_socket)
+    r, _ = os.pipe()
+    socket.send_fds(sock, [encode_header(100, 1) + b"half"], [r])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+MODES = {"send-kinds": send_kinds, "fd-limit": at_fd_limit, "die": die_mid_record}
+
+
+async def main(mode: str, fd: int) -> None:
+    async with FdChannel.from_fd(fd) as chan:
+        await MODES[mode](chan)
+
+
+if __name__ == "__main__":
+    mode, fd, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    options = {"use_uvloop": True} if backend == "uvloop" else {}
+    anyio.run(
+        main,
+        mode,
+        fd,
+        backend="trio" if backend == "trio" else "asyncio",
+        backend_options=options,
+    )

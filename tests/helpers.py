@@ -1,0 +1,31 @@
+"""Shared test helpers: descriptors of every kind, and identity checks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def identity(fd: int) -> tuple[int, int]:
+    """The open file's identity: the same on both sides of a pass."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+@contextmanager
+def pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def small_buffers(*socks: socket.socket) -> None:
+    """Shrink kernel buffers so large writes are split (partial writes)."""
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -1,0 +1,113 @@
+"""Descriptors between real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+import aiofdpass
+from aiofdpass import FdChannel, ProtocolError
+
+from .helpers import pipe
+
+pytestmark = pytest.mark.anyio
+
+CHILD = str(Path(__file__).with_name("child.py"))
+
+
+def backend_id(anyio_backend: object) -> str:
+    if isinstance(anyio_backend, tuple):
+        return "uvloop"
+    return str(anyio_backend)
+
+
+async def spawn(mode: str, backend: str) -> tuple[FdChannel, Process]:
+    """Start the child with one end of a channel pair; return the other."""
+    ours, theirs = aiofdpass.channel_pair()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        proc = await anyio.open_process(
+            [sys.executable, CHILD, mode, str(theirs.fileno()), backend],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    finally:
+        await theirs.aclose()
+    return ours, proc
+
+
+async def finish(proc: Process) -> str:
+    assert proc.stdout is not None
+    with anyio.fail_after(20):
+        out = b"".join([chunk async for chunk in proc.stdout])
+        await proc.wait()
+    await proc.aclose()
+    return out.decode()
+
+
+async def test_pipe_file_socket_memfd_cross_a_process(anyio_backend: object) -> None:
+    chan, proc = await spawn("send-kinds", backend_id(anyio_backend))
+    async with chan:
+        with await chan.receive() as msg:
+            assert msg.data == b"kinds"
+            r, f, s, m = msg.fds
+            assert os.read(r.fileno(), 100) == b"pipe-data"
+            with f.to_file("rb") as file:
+                assert file.read() == b"file-data"
+            with s.to_socket() as sock:
+                sock.sendall(b"ping")
+                assert sock.recv(4) == b"pong"
+            assert os.pread(m.fileno(), 100, 0) == b"memfd-data"
+        with pytest.raises(anyio.EndOfStream):
+            await chan.receive()
+    await finish(proc)
+    assert proc.returncode == 0
+
+
+async def test_child_at_its_fd_limit_sees_descriptors_lost(
+    anyio_backend: object,
+) -> None:
+    chan, proc = await spawn("fd-limit", backend_id(anyio_backend))
+    async with chan:
+        assert (await chan.receive()).data == b"ready"
+        with pipe() as (r, _):
+            await chan.send(b"many", [r] * 40)
+        out = await finish(proc)
+    assert proc.returncode == 0, out
+    assert out.split("\n")[:2] == ["lost", "still-works 1"]
+
+
+async def test_peer_killed_mid_record(anyio_backend: object) -> None:
+    chan, proc = await spawn("die", backend_id(anyio_backend))
+    async with chan:
+        with pytest.raises(ProtocolError, match="middle of a record"):
+            await chan.receive()
+    await finish(proc)
+    assert proc.returncode == -9
+
+
+async def test_children_do_not_inherit_received_fds() -> None:
+    a, b = aiofdpass.channel_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            await a.send(b"x", [r])
+            with await b.receive() as msg:
+                fd = msg.fds[0].fileno()
+                # close_fds=False: only close-on-exec can keep it out.
+                result = await anyio.to_thread.run_sync(
+                    lambda: subprocess.run(
+                        [sys.executable, "-c", f"import os; os.fstat({fd})"],
+                        close_fds=False,
+                        capture_output=True,
+                        check=False,
+                    )
+                )
+                assert result.returncode == 1
+                assert b"Bad file descriptor" in result.stderr
