@@ -557,7 +557,7 @@ async def test_a_break_closes_buffered_fds_at_once() -> None:
             before = len(os.listdir("/proc/self/fd"))
             await a.aclose()
             small_buffers(raw(b))
-            with pytest.raises(anyio.BrokenResourceError):
+            with pytest.raises(anyio.BrokenResourceError):  # noqa: PT012
                 for _ in range(20):
                     await b.send(b"x" * 100_000)
             assert len(os.listdir("/proc/self/fd")) == before - 1

@@ -21,9 +21,10 @@ class ProtocolError(FdPassError):
     Raised on receive for a bad magic or version, a record over a limit,
     fewer descriptors than a record's header announced, descriptors that no
     record claims (seen at end of stream, or when more than 253 pile up), or
-    end of stream in the middle of a record. Every descriptor the channel held has been closed and
-    the channel is broken: later calls raise :class:`anyio.BrokenResourceError`.
-    Close the channel; a new connection starts from a clean state.
+    end of stream in the middle of a record. Every descriptor the channel
+    held has been closed and the channel is broken: later calls raise
+    :class:`anyio.BrokenResourceError`. Close the channel; a new connection
+    starts from a clean state.
     """
 
 
