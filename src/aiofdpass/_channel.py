@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from anyio import EndOfStream
+from anyio import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    EndOfStream,
+)
 from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint
 
+from ._backend import LoopHooks, current_hooks
 from ._codec import RecordDecoder, encode_header
 from ._connection import Connection, adopt_fd
 from ._convert import close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
+from ._outbox import Outbox
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -22,6 +31,18 @@ if TYPE_CHECKING:
 __all__ = ["FdChannel", "channel_pair"]
 
 _DEFAULT_LIMITS = Limits()
+
+# Records larger than this (or with more descriptors) are written directly
+# from the caller's buffer instead of being copied into the queue.
+_DIRECT_BYTES = 64 * 1024
+_DIRECT_FDS = 16
+# send() waits for the queue to drain below _LOW_WATER once it holds
+# _HIGH_WATER bytes.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+# A call that never has to wait still yields every 16 calls (fairness, and
+# a cancellation point in a loop that never blocks).
+_YIELD_EVERY_MASK = 31
 
 
 class FdChannel(Connection, ObjectStream[Message]):
@@ -43,8 +64,15 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._limits = limits or _DEFAULT_LIMITS
         self._decoder = RecordDecoder(self._limits)
         self._eof = False
-        # A broken channel closes its buffered descriptors at once.
-        self._transport.on_break = self._decoder.close
+        self._receiving = False
+        self._outbox = Outbox()
+        self._flush_scheduled = False
+        self._flusher_running = False
+        self._hooks: LoopHooks | None = None
+        self._send_calls = 0
+        self._receive_calls = 0
+        # A broken channel closes the descriptors it holds at once.
+        self._transport.on_break = self._release_buffers
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, limits: Limits | None = None) -> Self:
@@ -71,6 +99,10 @@ class FdChannel(Connection, ObjectStream[Message]):
             sock.detach()  # the caller still owns the number
             raise
 
+    def _release_buffers(self) -> None:
+        self._outbox.discard()
+        self._decoder.close()
+
     @property
     def limits(self) -> Limits:
         """The record limits this channel enforces in both directions."""
@@ -90,19 +122,35 @@ class FdChannel(Connection, ObjectStream[Message]):
         call). ``fds`` may hold ints, objects with ``fileno()`` (files,
         sockets, :class:`Fd`, trio sockets) and anyio socket streams.
 
-        When ``send`` returns, the record is in the kernel: the caller may
-        close its copies of the descriptors (the peer's copies stay valid), or
-        pass ``close_fds=True`` to have them closed now. There is no write
-        buffering in the library, so a write error is always raised by the
-        ``send`` it belongs to. If ``send`` raises, the caller still owns its
-        descriptors and ``close_fds`` closed nothing.
+        When ``send`` returns, the record is committed: it is in the kernel,
+        or queued in this channel together with the channel's own duplicates
+        of the descriptors. Either way the caller may close its copies at
+        once, or pass ``close_fds=True`` to have them closed now. If ``send``
+        raises, nothing was queued, the caller still owns its descriptors and
+        ``close_fds`` closed nothing.
 
-        Cancellation: a cancelled ``send`` never delivers its record. If it
-        was cancelled before its first byte was written, nothing happened
-        and the channel is fine. If part of the record was already written,
-        the channel is broken (the peer gets :class:`ProtocolError` for the
-        truncated record and closes its descriptors), and later calls raise
-        :class:`anyio.BrokenResourceError`.
+        The first small record of an event-loop iteration is written at
+        once. Further ones sent in the same iteration (a loop that sends
+        without waiting) are queued and coalesced: many go out in one
+        ``sendmsg``, written on the event loop's next iteration, by the next
+        :meth:`receive` before it waits, when the queue is full, or by
+        :meth:`send_eof` / :meth:`aclose` (which wait for the queue to be
+        written). A record that meets a full socket is queued too. A write
+        error after ``send`` returned breaks the channel: the next call
+        raises :class:`anyio.BrokenResourceError` with the error as its
+        cause. Large records (over 64 KiB, or over 16
+        descriptors) are written directly from ``data``, without a copy.
+        When the queue holds 256 KiB or more, ``send`` waits for it to drain
+        (backpressure): memory never grows without bound.
+
+        Cancellation: a cancelled ``send`` never delivers its record. Small
+        records are queued only after every wait, so a cancelled one was
+        never queued. A large record cancelled after part of it was written
+        breaks the channel (the peer gets :class:`ProtocolError` for the
+        truncated record and closes its descriptors); cancelled before its
+        first byte, nothing happened. ``send`` checks for cancellation and
+        yields to the event loop whenever it waits, and at least every 32nd
+        call when it never has to wait.
 
         :raises TypeError: if ``data`` is not bytes-like or an item of
             ``fds`` is not a descriptor.
@@ -115,13 +163,15 @@ class FdChannel(Connection, ObjectStream[Message]):
             :meth:`send_eof`.
         :raises anyio.BrokenResourceError: if the connection failed.
         """
-        if isinstance(data, Message):
+        if type(data) is bytes:
+            payload: bytes | memoryview = data
+        elif isinstance(data, Message):
             if fds:
                 raise ValueError(
                     "pass descriptors either inside the Message or as fds=, not both"
                 )
             fds = data.fds
-            payload = memoryview(data.data)
+            payload = data.data
         else:
             try:
                 payload = memoryview(data).cast("B")
@@ -129,25 +179,51 @@ class FdChannel(Connection, ObjectStream[Message]):
                 raise TypeError(
                     f"data must be bytes-like or a Message, not {type(data).__name__}"
                 ) from None
-        objs = list(fds)
+        objs = fds if type(fds) is list or type(fds) is tuple else list(fds)
         numbers = filenos_of(objs)
-        if len(payload) > self._limits.max_payload:
+        limits = self._limits
+        if len(payload) > limits.max_payload:
             raise LimitError(
                 f"the payload is {len(payload)} bytes, over this channel's "
-                f"max_payload of {self._limits.max_payload}; nothing was sent"
+                f"max_payload of {limits.max_payload}; nothing was sent"
             )
-        if len(numbers) > self._limits.max_fds:
+        if len(numbers) > limits.max_fds:
             raise LimitError(
                 f"{len(numbers)} descriptors in one record, over this channel's "
-                f"max_fds of {self._limits.max_fds} (Linux carries at most 253 "
+                f"max_fds of {limits.max_fds} (Linux carries at most 253 "
                 "per sendmsg); split them across records. Nothing was sent"
             )
-        header = memoryview(encode_header(len(payload), len(numbers)))
-        buffers = [header, payload] if payload else [header]
-        await checkpoint()
-        async with self._send_lock:
-            self._transport.check_writable()
-            await self._transport.send_all(buffers, numbers)
+        transport = self._transport
+        transport.check_writable()
+        header = encode_header(len(payload), len(numbers))
+        self._send_calls += 1
+        if self._send_calls & _YIELD_EVERY_MASK == 0:
+            await checkpoint()
+        if len(payload) > _DIRECT_BYTES or len(numbers) > _DIRECT_FDS:
+            async with self._send_lock:
+                transport.check_writable()
+                await self._drain(0)
+                buffers = [memoryview(header), memoryview(payload)]
+                await transport.send_all(buffers if payload else buffers[:1], numbers)
+            if self._outbox:  # queued by others while we held the lock
+                self._flush_now()
+        else:
+            if self._outbox.nbytes >= _HIGH_WATER:
+                async with self._send_lock:
+                    await self._drain(_LOW_WATER)
+                self._flush_now()
+            transport.check_writable()
+            if self._flush_scheduled or self._outbox or self._send_lock.locked():
+                # More records in the same loop iteration: queue them, with
+                # our own duplicates (the caller may close its copies on
+                # return), to go out together in one sendmsg.
+                self._outbox.add(header, payload, _duplicate(numbers))
+                self._schedule_flush()
+            else:
+                # The first record of this loop iteration goes out at once;
+                # the flush scheduled here closes the coalescing window.
+                self._write_through(header, payload, numbers)
+                self._schedule_flush()
         if close_fds:
             await close_sent(objs)
 
@@ -155,7 +231,11 @@ class FdChannel(Connection, ObjectStream[Message]):
         """Receive the next record.
 
         Cancellation never loses a record or a descriptor: whatever was read
-        stays buffered for the next call.
+        stays buffered for the next call. ``receive`` checks for
+        cancellation and yields to the event loop whenever it waits for
+        data, and at least every 32nd call when records are already
+        buffered. Records this channel queued for sending are written
+        before it waits.
 
         :raises anyio.EndOfStream: when the peer closed between records (an
             ``async for`` loop ends there).
@@ -167,8 +247,13 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the channel broke.
         """
-        with self._receive_guard:
-            await checkpoint()
+        if self._receiving:
+            raise BusyResourceError("receiving from")
+        self._receiving = True
+        try:
+            self._receive_calls += 1
+            if self._receive_calls & _YIELD_EVERY_MASK == 0:
+                await checkpoint()
             transport = self._transport
             decoder = self._decoder
             while True:
@@ -182,6 +267,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                     return message
                 if self._eof:
                     raise EndOfStream
+                if self._outbox:
+                    self._flush_now()
                 view = decoder.get_buffer()
                 try:
                     nbytes, fds = await transport.recv_into(view)
@@ -195,10 +282,133 @@ class FdChannel(Connection, ObjectStream[Message]):
                     except ProtocolError as exc:
                         transport.mark_broken(exc, "the peer closed inside a record")
                         raise
+        finally:
+            self._receiving = False
+
+    async def send_eof(self) -> None:
+        """Write every queued record, then shut down the sending side.
+
+        The peer receives end of stream after the last record. Receiving
+        still works. Later sends raise :class:`anyio.ClosedResourceError`.
+        """
+        await checkpoint()
+        async with self._send_lock:
+            self._transport.check_writable()
+            await self._drain(0)
+            self._transport.shutdown_write()
+
+    async def aclose(self) -> None:
+        """Write every queued record, then close the channel and its descriptors.
+
+        Waits while the peer is slow to read the queued records; cancel it
+        (e.g. with a timeout) to close at once, dropping them. Tasks blocked
+        in send or receive raise :class:`anyio.ClosedResourceError`. Calling
+        it again does nothing.
+        """
+        if self._outbox and not self._transport.closed:
+            try:
+                async with self._send_lock:
+                    await self._drain(0)
+            except (BrokenResourceError, ClosedResourceError):
+                pass  # the peer is gone: nothing more can be delivered
+            finally:
+                self._close_now()
+        await super().aclose()
+
+    # -- the write queue ----------------------------------------------------
+
+    def _write_through(
+        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
+    ) -> None:
+        """Try to write a small record now; queue whatever the socket refuses."""
+        sent = self._transport.try_send(header + payload, numbers)
+        if sent < 0:  # nothing written: queue all of it
+            self._outbox.add(header, payload, _duplicate(numbers))
+        elif sent < len(header) + len(payload):
+            # Its descriptors went with the first bytes; the rest follows.
+            self._outbox.add(b"", (header + payload)[sent:], [])
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._hooks is None:
+                self._hooks = current_hooks()
+            self._hooks.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        if self._outbox and not self._send_lock.locked():
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        """Write what the socket takes now; leave the rest to a flusher task."""
+        transport = self._transport
+        if transport.closed or transport.broken or self._send_lock.locked():
+            return  # whoever holds the lock writes the queue before letting go
+        try:
+            done = self._outbox.write_some(transport.sock)
+        except OSError as exc:
+            transport.fail_write(exc)
+            return
+        if not done and not self._flusher_running:
+            self._flusher_running = True
+            if self._hooks is None:
+                self._hooks = current_hooks()
+            self._hooks.spawn(self._flusher)
+
+    async def _flusher(self) -> None:
+        """Background task: wait for a full socket to drain, write the queue."""
+        try:
+            async with self._send_lock:
+                await self._drain(0)
+        except BaseException:  # errors are recorded on the transport
+            # Errors broke the channel (the next call reports them); a
+            # cancellation means the event loop is shutting down.
+            pass
+        finally:
+            self._flusher_running = False
+
+    async def _drain(self, low_water: int) -> None:
+        """Write queued records until at most ``low_water`` bytes remain.
+
+        The caller holds the send lock, so nobody else waits for the socket
+        to become writable.
+        """
+        outbox = self._outbox
+        transport = self._transport
+        while outbox.nbytes > low_water or (low_water == 0 and outbox):
+            transport.check_open()
+            try:
+                if outbox.write_some(transport.sock):
+                    return
+            except OSError as exc:
+                transport.fail_write(exc)
+                transport.check_open()
+            await transport.wait_writable()
 
     def _close_now(self) -> None:
         super()._close_now()
+        self._outbox.discard()
         self._decoder.close()
+
+
+def _duplicate(numbers: list[int]) -> list[int]:
+    """Return our own duplicates of ``numbers`` (close-on-exec)."""
+    owned: list[int] = []
+    try:
+        for n in numbers:
+            owned.append(os.dup(n))
+    except OSError as exc:
+        for fd in owned:
+            os.close(fd)
+        if exc.errno == errno.EBADF:
+            raise OSError(
+                errno.EBADF,
+                f"descriptor {numbers[len(owned)]} is not open (was it closed "
+                "before send?); nothing was sent",
+            ) from None
+        raise
+    return owned
 
 
 def channel_pair(*, limits: Limits | None = None) -> tuple[FdChannel, FdChannel]:

@@ -144,6 +144,20 @@ class Transport:
                 "can be sent on this channel"
             )
 
+    @property
+    def broken(self) -> bool:
+        """``True`` once the connection broke."""
+        return self._broken is not None
+
+    def fail_write(self, exc: OSError) -> None:
+        """Break the connection after a write error outside any caller."""
+        if not self.closed:
+            self.mark_broken(exc, f"a write failed: {exc.strerror or exc}")
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more bytes."""
+        await self._wait(anyio.wait_writable)
+
     def mark_broken(self, exc: BaseException, reason: str) -> None:
         """Break the connection: the peer sees end of stream, we see errors."""
         if self._broken is None and not self.closed:
@@ -212,6 +226,29 @@ class Transport:
                 self.mark_broken(lost, "descriptors were lost (MSG_CTRUNC)")
                 raise lost
             return nbytes, fds
+
+    def try_send(self, data: bytes, fds: Sequence[int]) -> int:
+        """Write what the socket takes of ``data`` now, ``fds`` with it.
+
+        Returns the number of bytes written, or -1 if the socket was full
+        (nothing written, nothing sent).
+
+        :raises OSError: ``EBADF`` if a descriptor is not open (nothing sent).
+        :raises LimitError: ``ETOOMANYREFS`` (nothing sent).
+        :raises anyio.BrokenResourceError: if the connection failed.
+        """
+        ancdata = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            if fds
+            else []
+        )
+        try:
+            return self.sock.sendmsg([data], ancdata, _SEND_FLAGS)
+        except BlockingIOError:
+            return -1
+        except OSError as exc:
+            self._raise_descriptor_error(exc, fds)
+            self._raise_translated(exc, "send")
 
     async def send_all(self, buffers: list[memoryview], fds: Sequence[int]) -> None:
         """Write every byte of ``buffers``; ``fds`` go with the first ``sendmsg``.
