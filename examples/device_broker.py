@@ -246,7 +246,7 @@ async def end_to_end(backend: str) -> bool:
                     output = b""
                     async for chunk in holder.stdout:
                         output += chunk
-                        if b"HOLDING" in output:
+                        if b"HOLDING" in output and output.endswith(b"\n"):
                             break
                 sys.stdout.write(output.decode())
                 await run_client("ttyS0", REFUSED)  # busy
