@@ -132,7 +132,6 @@ class Master:
         self.worker_command = [sys.executable, __file__, "--role", "worker"]
         self.worker_command += ["--backend", backend, "--cpu-ms", str(cpu_ms)]
         self.workers: list[Worker | None] = [None] * workers
-        self.served: Counter[int] = Counter()  # worker pid -> connections finished
         self.restarts = 0
         self.redispatched = 0
         self.closed_unserved = 0
@@ -159,8 +158,7 @@ class Master:
                     sock.close()  # the worker has its own copy now
                     worker.active += 1
                 else:
-                    worker.active -= 1
-                    self.served[worker.process.pid] += 1
+                    worker.active -= 1  # {"done": id}
         except (anyio.BrokenResourceError, aiofdpass.FdPassError):
             pass  # treated like end of stream: the worker is gone
         code = await worker.process.wait()
