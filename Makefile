@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/echo_service.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples bench

@@ -2,7 +2,8 @@
 
 Records of bytes plus descriptors (``SCM_RIGHTS``) travel over AF_UNIX
 stream sockets; the same code runs on asyncio, uvloop and trio (through
-anyio). Start with :func:`channel_pair`, :func:`connect` and :func:`listen`.
+anyio). Start with :func:`channel_pair`, :func:`connect` and :func:`listen`;
+:func:`open_child_process` starts a child process joined by a channel.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from ._channel import FdChannel, channel_pair
 from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolError
 from ._fd import Fd
 from ._message import Limits, Message
+from ._process import CHANNEL_FD_ENV, channel_from_env, open_child_process
 from ._stream import FdStream, stream_pair
 from ._unix import FdListener, connect, connect_stream, listen
 from ._version import __version__
 
 __all__ = [
+    "CHANNEL_FD_ENV",
     "DescriptorsLostError",
     "Fd",
     "FdChannel",
@@ -27,10 +30,12 @@ __all__ = [
     "Message",
     "ProtocolError",
     "__version__",
+    "channel_from_env",
     "channel_pair",
     "connect",
     "connect_stream",
     "listen",
+    "open_child_process",
     "stream_pair",
 ]
 
