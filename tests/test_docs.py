@@ -55,6 +55,65 @@ def test_tutorial_processes(backend: str) -> None:
     assert out[1:] == ["answered by the worker: True", "worker exit status: 0"]
 
 
+COMPARE_OUTPUT = "b'a file and a pipe' 2 inheritable: [{0}, {0}]\n" + (
+    "b'file contents\\n' b'pipe contents\\n'\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "inheritable"),
+    [
+        ("compare_stdlib.py", True),
+        ("compare_anyio.py", True),
+        ("compare_aiofdpass.py", False),
+    ],
+)
+def test_comparison_scripts(script: str, inheritable: bool) -> None:
+    assert run(script) == COMPARE_OUTPUT.format(inheritable)
+
+
+def test_comparison_pitfalls() -> None:
+    assert run("compare_pitfalls.py").splitlines() == [
+        "socket object, anyio:     b'a socket' 0 fds",
+        "socket object, aiofdpass: b'a socket' 1 fds",
+        "two messages, anyio:      b'hello world' 1 fds",
+        "two messages, aiofdpass:  b'hello ' 0 fds",
+        "two messages, aiofdpass:  b'world' 1 fds",
+        "fd limit, anyio:          b'three' 1 fds",
+        "fd limit, aiofdpass:      DescriptorsLostError",
+    ]
+
+
+def page_output(page: str, after: str) -> list[str]:
+    """The lines of the first ``text`` block after ``after`` in a page."""
+    text = (DOCS / page).read_text()
+    start = text.index("```text\n", text.index(after)) + len("```text\n")
+    return text[start : text.index("```", start)].splitlines()
+
+
+def test_kernel_facts_script_prints_what_the_page_says() -> None:
+    out = run("kernel_facts.py").splitlines()
+    shown = page_output("how-descriptor-passing-works.md", "## The check script")
+    # Descriptor numbers differ from run to run; everything else must match.
+    assert re.fullmatch(r"numbers: sent \d+, received \d+; same file: True", out[0])
+    assert out[1:] == shown[1:]
+
+
+def test_pages_show_the_output_the_scripts_print() -> None:
+    assert (
+        page_output("coming-from-send-fds.md", "compare_pitfalls.py")
+        == run("compare_pitfalls.py").splitlines()
+    )
+    for script in ("compare_stdlib.py", "compare_anyio.py", "compare_aiofdpass.py"):
+        assert (
+            page_output("coming-from-send-fds.md", script) == run(script).splitlines()
+        )
+    assert (
+        page_output("tutorial.md", "code/tutorial_trio.py")
+        == run("tutorial_trio.py").splitlines()
+    )
+
+
 def test_api_page_documents_every_public_name() -> None:
     page = (DOCS / "api.md").read_text()
     documented = set(
