@@ -39,7 +39,7 @@ test: docs
 # docs/_build/html/index.html. The pages' code (docs/code) is linted and
 # type-checked here; tests/test_docs_code.py runs it.
 docs: docs-code
-	$(VENV)/bin/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 	@echo "docs built: docs/_build/html/index.html"
 
 docs-code: $(STAMP)

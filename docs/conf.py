@@ -39,7 +39,7 @@ logging.getLogger("sphinx.sphinx.directives.other").addFilter(_EmptyGlobIsFine()
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_class_signature = "separated"
+autodoc_preserve_defaults = True  # mode=0o600, not 384
 autodoc_default_options = {"show-inheritance": True}
 
 # Every reference must resolve (make docs runs with -n -W). There is no

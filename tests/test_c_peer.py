@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
 
 import aiofdpass
 from aiofdpass import FdChannel
@@ -238,3 +239,47 @@ async def test_python_sends_c_peer_echoes(c_peer: Path, tmp_path: Path) -> None:
         "  253 fds, all the same open file: yes",
         "echo: 6 records echoed, clean end of stream",
     ]
+
+
+@pytest.mark.parametrize(
+    ("wire", "complaint"),
+    [
+        pytest.param(b"XD\1\0\0\0\0\0\0\0\0\0", "bad magic", id="magic"),
+        pytest.param(b"FD\2\0\0\0\0\0\0\0\0\0", "unknown version", id="version"),
+        pytest.param(
+            b"FD\1\0\0\1\0\0\0\0\0\0",
+            "fewer descriptors than the header announced",
+            id="missing-fd",
+        ),
+        pytest.param(
+            b"FD\1\0\0\0\0\0\0\0\0\5abc", "end of stream inside a record", id="eof"
+        ),
+    ],
+)
+async def test_c_peer_rejects_protocol_violations(
+    c_peer: Path, tmp_path: Path, wire: bytes, complaint: str
+) -> None:
+    """The C receiver follows section 6: each violation fails the connection."""
+    with anyio.fail_after(TIMEOUT):
+        async with (
+            await aiofdpass.listen(tmp_path / "s.sock") as listener,
+            anyio.create_task_group() as tg,
+        ):
+            results: list[subprocess.CompletedProcess[bytes]] = []
+
+            async def peer() -> None:
+                results.append(
+                    await anyio.run_process(
+                        [str(c_peer), "s.sock", "echo"], cwd=tmp_path, check=False
+                    )
+                )
+
+            tg.start_soon(peer)
+            async with await listener.accept() as channel:
+                raw = channel.extra(SocketAttribute.raw_socket)
+                raw.send(wire)  # a few bytes: never blocks
+                await channel.send_eof()
+                with pytest.raises(anyio.EndOfStream):
+                    await channel.receive()  # the peer failed the connection
+    assert results[0].returncode == 2
+    assert results[0].stderr.decode() == f"afd_peer: protocol violation: {complaint}\n"
