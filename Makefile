@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck unit bench clean
+.PHONY: docs docs-code package
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs,package]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +31,26 @@ unit: $(STAMP)
 	$(PY) -m coverage report
 
 test: lint typecheck unit
+
+# The docs build is part of the test: a broken reference fails it.
+test: docs
+
+# Warnings are errors (-W), every reference must resolve (-n). Output:
+# docs/_build/html/index.html. The pages' code (docs/code) is linted and
+# type-checked here; tests/test_docs_code.py runs it.
+docs: docs-code
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+	@echo "docs built: docs/_build/html/index.html"
+
+docs-code: $(STAMP)
+	$(VENV)/bin/ruff check docs/conf.py docs/code
+	$(VENV)/bin/ruff format --check docs/conf.py docs/code
+	$(VENV)/bin/mypy --strict docs/conf.py docs/code
+
+# An sdist and a wheel in dist/ (tests/test_package.py checks that the
+# wheel installs and imports in a fresh venv).
+package: $(STAMP)
+	$(PY) -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -91,6 +91,12 @@ class FdChannel(Connection, ObjectStream[Message]):
 
         Typical in a child process that got its end of :func:`channel_pair`
         through ``pass_fds``. The channel owns the descriptor from now on.
+
+        :raises TypeError: if ``fd`` is not an ``int``.
+        :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
+            socket.
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
+            the caller still owns ``fd``.
         """
         sock = adopt_fd(fd)
         try:
@@ -418,6 +424,8 @@ def channel_pair(*, limits: Limits | None = None) -> tuple[FdChannel, FdChannel]
     child one end's descriptor (``channel.fileno()`` in ``pass_fds``) and
     adopt it there with :meth:`FdChannel.from_fd`; then close that end in
     the parent.
+
+    :raises OSError: ``EMFILE`` if the process is out of descriptors.
     """
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return FdChannel(a, limits=limits), FdChannel(b, limits=limits)

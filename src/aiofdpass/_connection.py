@@ -40,7 +40,7 @@ class Connection(TypedAttributeProvider):
         """Return the underlying socket's descriptor (``-1`` once closed).
 
         This lets the connection itself be passed as a descriptor, e.g. to
-        hand a channel to another process.
+        hand a channel to another process. It never raises.
         """
         return self._transport.sock.fileno()
 
@@ -49,6 +49,10 @@ class Connection(TypedAttributeProvider):
 
         Receiving still works. Later sends raise
         :class:`anyio.ClosedResourceError`.
+
+        :raises anyio.ClosedResourceError: after :meth:`aclose`, or if the
+            sending side was already shut down.
+        :raises anyio.BrokenResourceError: if the connection failed.
         """
         await checkpoint()
         async with self._send_lock:
@@ -58,7 +62,8 @@ class Connection(TypedAttributeProvider):
         """Close the connection and every descriptor it still holds.
 
         Tasks blocked in send or receive raise
-        :class:`anyio.ClosedResourceError`. Calling it again does nothing.
+        :class:`anyio.ClosedResourceError`. Calling it again does nothing;
+        it never raises.
         """
         self._close_now()
         await checkpoint()

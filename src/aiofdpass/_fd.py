@@ -22,6 +22,8 @@ class Fd:
     the process opened later under the same number.
 
     :param fd: a descriptor number; the new object owns it from now on.
+    :raises TypeError: if ``fd`` is not an ``int``.
+    :raises ValueError: if ``fd`` is negative.
     """
 
     __slots__ = ("__weakref__", "_fd")
@@ -59,7 +61,12 @@ class Fd:
         return fd
 
     def close(self) -> None:
-        """Close the descriptor. Calling it again does nothing."""
+        """Close the descriptor. Calling it again does nothing.
+
+        :raises OSError: if ``close(2)`` fails (``EBADF`` when something
+            else closed the number behind this object's back); the object
+            counts as closed all the same.
+        """
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

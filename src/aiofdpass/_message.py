@@ -34,6 +34,8 @@ class Limits:
         most 2**32 - 1, the largest length the header can carry).
     :param max_fds: the most descriptors in one record (default and maximum
         253: Linux's ``SCM_MAX_FD``, the most one ``sendmsg`` can carry).
+    :raises TypeError: if a limit is not an ``int``.
+    :raises ValueError: if a limit is out of its range.
     """
 
     max_payload: int = 16 * 1024 * 1024
@@ -61,6 +63,8 @@ class Message:
 
     :param data: the payload; any bytes-like object (it is copied).
     :param fds: the descriptors; the message owns them.
+    :raises TypeError: if an item of ``fds`` is not an :class:`Fd` (plain
+        numbers go to :meth:`FdChannel.send` instead).
     """
 
     __slots__ = ("_data", "_fds")
@@ -90,7 +94,10 @@ class Message:
         return self._fds
 
     def close(self) -> None:
-        """Close every descriptor not yet taken or closed."""
+        """Close every descriptor not yet taken or closed.
+
+        :raises OSError: if closing one fails (see :meth:`Fd.close`).
+        """
         for fd in self._fds:
             fd.close()
 

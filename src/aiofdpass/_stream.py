@@ -34,12 +34,22 @@ class FdStream(Connection, AsyncResource):
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:
-        """Adopt a connected AF_UNIX stream socket; the stream owns it now."""
+        """Adopt a connected AF_UNIX stream socket; the stream owns it now.
+
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        """
         return cls(sock)
 
     @classmethod
     def from_fd(cls, fd: int) -> Self:
-        """Adopt a connected AF_UNIX stream socket given by descriptor number."""
+        """Adopt a connected AF_UNIX stream socket given by descriptor number.
+
+        :raises TypeError: if ``fd`` is not an ``int``.
+        :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
+            socket.
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
+            the caller still owns ``fd``.
+        """
         sock = adopt_fd(fd)
         try:
             return cls(sock)
@@ -107,6 +117,9 @@ class FdStream(Connection, AsyncResource):
 
 
 def stream_pair() -> tuple[FdStream, FdStream]:
-    """Return two connected :class:`FdStream` objects (a ``socketpair``)."""
+    """Return two connected :class:`FdStream` objects (a ``socketpair``).
+
+    :raises OSError: ``EMFILE`` if the process is out of descriptors.
+    """
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return FdStream(a), FdStream(b)

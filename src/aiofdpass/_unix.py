@@ -109,7 +109,12 @@ async def connect(path: SocketPath, *, limits: Limits | None = None) -> FdChanne
 
 
 async def connect_stream(path: SocketPath) -> FdStream:
-    """Connect to a listening socket and return an unframed :class:`FdStream`."""
+    """Connect to a listening socket and return an unframed :class:`FdStream`.
+
+    :param path: as for :func:`connect`.
+    :raises FileNotFoundError: if nothing exists at ``path``.
+    :raises ConnectionRefusedError: if nobody listens there.
+    """
     return FdStream(await _connect_socket(path))
 
 
@@ -283,6 +288,10 @@ class FdListener(Listener[FdChannel]):
 
         :param task_group: where to run the handlers; by default a task group
             of its own, which waits for running handlers on the way out.
+        :raises anyio.ClosedResourceError: once the listener is closed.
+        :raises anyio.BusyResourceError: if another task is accepting.
+        :raises OSError: if ``accept`` fails for a reason other than running
+            out of descriptors.
         """
 
         async def run(channel: FdChannel) -> None:
@@ -317,7 +326,7 @@ class FdListener(Listener[FdChannel]):
 
         The file is removed only if it is still the one this listener
         created (a successor may have replaced it). Calling it again does
-        nothing.
+        nothing; it never raises.
         """
         if not self._closed:
             self._closed = True
