@@ -52,5 +52,12 @@ docs-code: $(STAMP)
 package: $(STAMP)
 	$(PY) -m build --outdir dist .
 
+# Benchmarks against the blocking stdlib loop and anyio (issue 3). QUICK=1 is
+# a smoke run of well under a minute; the full run takes several minutes.
+BENCH_ARGS ?= --json bench/results.json --plot bench/results.png
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache .hypothesis

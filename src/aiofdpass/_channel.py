@@ -296,6 +296,10 @@ class FdChannel(Connection, ObjectStream[Message]):
 
         The peer receives end of stream after the last record. Receiving
         still works. Later sends raise :class:`anyio.ClosedResourceError`.
+
+        :raises anyio.ClosedResourceError: after :meth:`aclose` or an
+            earlier :meth:`send_eof`.
+        :raises anyio.BrokenResourceError: if the connection failed.
         """
         await checkpoint()
         async with self._send_lock:
@@ -309,7 +313,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         Waits while the peer is slow to read the queued records; cancel it
         (e.g. with a timeout) to close at once, dropping them. Tasks blocked
         in send or receive raise :class:`anyio.ClosedResourceError`. Calling
-        it again does nothing.
+        it again does nothing. It never raises, except the cancellation
+        that interrupts its wait (the channel is closed all the same).
         """
         if self._outbox and not self._transport.closed:
             try:
