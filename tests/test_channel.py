@@ -577,9 +577,10 @@ async def test_a_break_closes_buffered_fds_at_once() -> None:
 
     with pipe() as (r, w):
         async with a, b:
-            await a.send(b"one", [r])
-            await a.send(b"two", [r])
-            (await b.receive()).close()  # "two" and its fd stay buffered
+            # Half a record with its fd: b buffers both and waits for more.
+            socket.send_fds(raw(a), [encode_header(10, 1) + b"12345"], [r])
+            with anyio.move_on_after(0.05):
+                await b.receive()
             assert open_copies(w) == 2  # r and the buffered copy
             await a.aclose()
             small_buffers(raw(b))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from time import perf_counter_ns
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,9 @@ _DIRECT_FDS = 16
 # _HIGH_WATER bytes.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+# A send less than this long after the previous one is part of a burst and
+# is coalesced with it; an isolated send is written at once.
+_BURST_NS = 10_000
 # A call that never has to wait still yields every 16 calls (fairness, and
 # a cancellation point in a loop that never blocks).
 _YIELD_EVERY_MASK = 31
@@ -70,6 +74,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._flusher_running = False
         self._hooks: LoopHooks | None = None
         self._send_calls = 0
+        self._last_write = 0
         self._receive_calls = 0
         # A broken channel closes the descriptors it holds at once.
         self._transport.on_break = self._release_buffers
@@ -135,10 +140,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         raises, nothing was queued, the caller still owns its descriptors and
         ``close_fds`` closed nothing.
 
-        The first small record of an event-loop iteration is written at
-        once. Further ones sent in the same iteration (a loop that sends
-        without waiting) are queued and coalesced: many go out in one
-        ``sendmsg``, written on the event loop's next iteration, by the next
+        An isolated small record is written at once. Records sent in a burst
+        (less than 10 microseconds apart, as in a loop that sends without
+        waiting) are queued and coalesced: many go out in one ``sendmsg``, written on the event loop's next iteration, by the next
         :meth:`receive` before it waits, when the queue is full, or by
         :meth:`send_eof` / :meth:`aclose` (which wait for the queue to be
         written). A record that meets a full socket is queued too. A write
@@ -219,17 +223,21 @@ class FdChannel(Connection, ObjectStream[Message]):
                     await self._drain(_LOW_WATER)
                 self._flush_now()
             transport.check_writable()
-            if self._flush_scheduled or self._outbox or self._send_lock.locked():
-                # More records in the same loop iteration: queue them, with
-                # our own duplicates (the caller may close its copies on
-                # return), to go out together in one sendmsg.
+            now = perf_counter_ns()
+            if (
+                self._outbox
+                or now - self._last_write < _BURST_NS
+                or self._send_lock.locked()
+            ):
+                # A burst: queue the record, with our own duplicates (the
+                # caller may close its copies on return), to go out with the
+                # others in one sendmsg on the next loop iteration.
                 self._outbox.add(header, payload, _duplicate(numbers))
                 self._schedule_flush()
             else:
-                # The first record of this loop iteration goes out at once;
-                # the flush scheduled here closes the coalescing window.
+                # An isolated record goes out at once, with no copy.
                 self._write_through(header, payload, numbers)
-                self._schedule_flush()
+            self._last_write = now
         if close_fds:
             await close_sent(objs)
 
@@ -338,6 +346,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         elif sent < len(header) + len(payload):
             # Its descriptors went with the first bytes; the rest follows.
             self._outbox.add(b"", (header + payload)[sent:], [])
+        else:
+            return
+        self._schedule_flush()  # the socket is full: a flusher waits for it
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

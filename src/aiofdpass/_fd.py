@@ -111,6 +111,13 @@ class Fd:
         self._fd = -1
         return sock
 
+    @classmethod
+    def _adopt(cls, fd: int) -> Fd:
+        # Fast constructor for descriptors the kernel just gave us.
+        obj = cls.__new__(cls)
+        obj._fd = fd
+        return obj
+
     def __enter__(self) -> Fd:
         return self
 
