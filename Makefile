@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck unit bench clean
+.PHONY: fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,19 @@ unit: $(STAMP)
 	$(PY) -m coverage report
 
 test: lint typecheck unit
+
+# Long runs for when the codec or the I/O layer changes (not part of `test`).
+FUZZ ?= 100
+fuzz: $(STAMP)
+	AIOFDPASS_FUZZ=$(FUZZ) $(PY) -m pytest -q -p no:cacheprovider tests/test_codec.py -k property
+
+SOAK ?= 20
+soak: $(STAMP)
+	for i in $$(seq $(SOAK)); do \
+		$(PY) -m pytest -q -x -p no:cacheprovider tests/test_cancellation.py \
+			tests/test_concurrency.py tests/test_hostile.py tests/test_processes.py \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache .hypothesis

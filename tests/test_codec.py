@@ -363,7 +363,7 @@ def receive_all(
 
 
 @settings(
-    max_examples=examples(2000),
+    max_examples=examples(1500),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -400,7 +400,7 @@ def corruptions(draw: st.DrawFn) -> list[tuple[str, int, int]]:
 
 
 @settings(
-    max_examples=examples(2000),
+    max_examples=examples(1000),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

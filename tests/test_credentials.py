@@ -13,6 +13,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
 from aiofdpass import FdChannel, FdPassAttribute, PeerCredentials, same_user
@@ -243,13 +245,14 @@ async def test_socket_file_never_appears_with_a_looser_mode(tmp_path: Path) -> N
             stdin=subprocess.DEVNULL,
         ) as proc:
             assert proc.stdout is not None
-            assert await proc.stdout.receive() == b"ready\n"
+            stdout = BufferedByteReceiveStream(proc.stdout)
+            assert await stdout.receive_until(b"\n", 100) == b"ready"
             for _ in range(300):
                 listener = await aiofdpass.listen(path, mode=0o600)
                 await listener.aclose()
             # The stop file's own name is not the socket path.
             await anyio.Path(str(path) + ".stop").touch()
-            out = (await proc.stdout.receive()).decode().split()
+            out = (await stdout.receive_until(b"\n", 1000)).decode().split()
             await proc.wait()
     finally:
         os.umask(old_umask)
@@ -272,3 +275,26 @@ async def test_listen_never_follows_a_symlink(tmp_path: Path) -> None:
     assert target.read_text() == "precious"
     assert not (tmp_path / "nowhere").exists()
     assert stat.S_ISREG(os.stat(target).st_mode)
+
+
+async def test_so_passcred_on_an_accepted_channel_and_a_stream(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    with pipe() as (r, _):
+        async with await aiofdpass.listen(path, allow=same_user()) as listener:
+            async with (
+                await aiofdpass.connect_stream(path) as client,
+                await listener.accept() as server,
+            ):
+                for sock in (server, client):
+                    sock.extra(SocketAttribute.raw_socket).setsockopt(
+                        socket.SOL_SOCKET, socket.SO_PASSCRED, 1
+                    )
+                await client.send(encode_header(2, 1) + b"hi", [r])
+                with await server.receive() as msg:
+                    assert msg.data == b"hi" and len(msg.fds) == 1
+                await server.send(b"back", [r, r])
+                data, fds = await client.receive_with_fds()
+                assert data[12:] == b"back" and len(fds) == 2
+                for fd in fds:
+                    fd.close()
+                assert client.peer_credentials == server.peer_credentials == ME
