@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck unit bench clean
 .PHONY: docs docs-code package
+.PHONY: fuzz soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,18 @@ BENCH_ARGS ?= --json bench/results.json --plot bench/results.png
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+# Long runs for when the codec or the I/O layer changes (not part of `test`).
+FUZZ ?= 100
+fuzz: $(STAMP)
+	AIOFDPASS_FUZZ=$(FUZZ) $(PY) -m pytest -q -p no:cacheprovider tests/test_codec.py -k property
+
+SOAK ?= 20
+soak: $(STAMP)
+	for i in $$(seq $(SOAK)); do \
+		$(PY) -m pytest -q -x -p no:cacheprovider tests/test_cancellation.py \
+			tests/test_concurrency.py tests/test_hostile.py tests/test_processes.py \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache .pytest_cache .hypothesis

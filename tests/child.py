@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import signal
@@ -12,7 +13,7 @@ import tempfile
 import anyio
 
 import aiofdpass
-from aiofdpass import DescriptorsLostError, FdChannel
+from aiofdpass import DescriptorsLostError, FdChannel, LimitError
 from aiofdpass._codec import encode_header
 
 
@@ -61,7 +62,41 @@ async def die_mid_record(chan: FdChannel) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-MODES = {"send-kinds": send_kinds, "fd-limit": at_fd_limit, "die": die_mid_record}
+def drop_capabilities() -> None:
+    """Drop every capability: CAP_SYS_RESOURCE and CAP_SYS_ADMIN lift the limit."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: none
+    if ctypes.CDLL(None, use_errno=True).capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+async def too_many_refs(chan: FdChannel) -> None:
+    """Send 40-fd records at RLIMIT_NOFILE 64 until ETOOMANYREFS; report."""
+    drop_capabilities()
+    r, w = os.pipe()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    sent = 0
+    while True:
+        try:
+            await chan.send(b"batch", [r] * 40)
+        except LimitError as exc:
+            error = str(exc)
+            break
+        sent += 1
+    print(error, flush=True)  # the parent starts receiving only now
+    await chan.send(f"refused after {sent}".encode())
+    # Once the peer has received (nothing in flight), the same channel works.
+    assert (await chan.receive()).data == b"drained"
+    await chan.send(b"after", [r, w])
+
+
+MODES = {
+    "send-kinds": send_kinds,
+    "fd-limit": at_fd_limit,
+    "die": die_mid_record,
+    "too-many-refs": too_many_refs,
+}
 
 
 async def main(mode: str, fd: int) -> None:

@@ -7,6 +7,14 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+#: ``make fuzz`` sets this to run every property test this many times longer.
+FUZZ_FACTOR = int(os.environ.get("AIOFDPASS_FUZZ", "1"))
+
+
+def examples(ci: int) -> int:
+    """Hypothesis examples for a property test: ``ci`` in ``make test``."""
+    return ci * FUZZ_FACTOR
+
 
 def identity(fd: int) -> tuple[int, int]:
     """The open file's identity: the same on both sides of a pass."""

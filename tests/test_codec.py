@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import os
+import random
 import struct
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from aiofdpass import Fd, Limits, Message, ProtocolError
 from aiofdpass._codec import HEADER_SIZE, READ_SIZE, RecordDecoder, encode_header
+
+from .helpers import examples
 
 
 @pytest.fixture
@@ -251,69 +254,226 @@ def test_close_releases_everything(pipe: tuple[int, int]) -> None:
     assert dec.at_boundary
 
 
-records_strategy = st.lists(
-    st.tuples(st.binary(max_size=300), st.integers(0, 5)), max_size=12
+# -- Property tests: the kernel's delivery model -------------------------------
+#
+# KernelStream models an AF_UNIX stream socket's receive queue the way
+# net/unix/af_unix.c (unix_stream_read_generic) serves it: one skb per piece
+# of a sendmsg, the descriptors on the first skb of their sendmsg; a read
+# copies bytes from consecutive skbs and stops right after the first skb
+# whose descriptors it took (plain bytes sent earlier may come in front).
+
+
+class KernelStream:
+    def __init__(self) -> None:
+        self.skbs: deque[tuple[bytearray, list[Fd]]] = deque()
+        self.delivered: list[Fd] = []  # fds handed to the reader so far
+
+    def close(self) -> None:
+        """The socket is closed: the kernel releases fds still queued."""
+        for _, fds in self.skbs:
+            for fd in fds:
+                fd.close()
+        self.skbs.clear()
+
+    def sendmsg(self, data: bytes, fds: list[Fd], pieces: list[int]) -> None:
+        """Queue ``data`` as skbs of the given sizes; ``fds`` on the first."""
+        assert data or not fds, "Linux drops fds sent with no bytes"
+        assert len(fds) <= 253
+        pos = 0
+        for size in [*pieces, len(data)]:
+            chunk = data[pos : pos + max(size, 1)]
+            if not chunk:
+                break
+            self.skbs.append((bytearray(chunk), fds if pos == 0 else []))
+            pos += len(chunk)
+
+    def recvmsg(self, size: int) -> tuple[bytes, list[Fd]]:
+        out = bytearray()
+        while self.skbs and len(out) < size:
+            data, fds = self.skbs[0]
+            take = min(size - len(out), len(data))
+            out += data[:take]
+            del data[:take]
+            self.skbs[0] = (data, [])  # the fds go with the first byte read
+            if not data:
+                self.skbs.popleft()
+            if fds:
+                self.delivered.extend(fds)
+                return bytes(out), fds
+        return bytes(out), []
+
+
+def payload(index: int, length: int) -> bytes:
+    return random.Random(index).randbytes(length)
+
+
+# A record: payload length 0..64 KiB (mostly small) and 0..253 fds.
+record_shapes = st.lists(
+    st.tuples(
+        st.one_of(st.integers(0, 64), st.integers(0, 64 * 1024)),
+        st.one_of(st.integers(0, 3), st.integers(0, 253)),
+        st.booleans(),  # does this record start a new sendmsg (else coalesced)
+    ),
+    max_size=8,
 )
+piece_sizes = st.lists(st.integers(1, 70_000), max_size=4)
+read_sizes = st.lists(st.integers(1, 100_000), min_size=1, max_size=16)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(records=records_strategy, cuts=st.lists(st.integers(0, 5000), max_size=8))
-def test_property_any_split_decodes_the_same(
-    records: list[tuple[bytes, int]], cuts: list[int]
+def send_records(
+    kernel: KernelStream,
+    shapes: list[tuple[int, int, bool]],
+    pieces: list[int],
+    null: int,
+) -> tuple[list[tuple[bytes, int]], list[Fd]]:
+    """Queue the records as senders do: one per sendmsg, or coalesced."""
+    records = [(payload(i, n), k) for i, (n, k, _) in enumerate(shapes)]
+    groups: list[list[int]] = []
+    for i, (_, nfds, new) in enumerate(shapes):
+        if not groups or new or sum(shapes[j][1] for j in groups[-1]) + nfds > 253:
+            groups.append([])
+        groups[-1].append(i)
+    all_fds: list[Fd] = []
+    for group in groups:
+        wire = b"".join(encode(*records[i]) for i in group)
+        fds = dup_fds(null, sum(records[i][1] for i in group))
+        all_fds.extend(fds)
+        kernel.sendmsg(wire, fds, pieces)
+    return records, all_fds
+
+
+def receive_all(
+    kernel: KernelStream, dec: RecordDecoder, reads: list[int], out: list[Message]
+) -> None:
+    """Read as FdChannel.receive does, into get_buffer(); then end of stream."""
+    # Tiny reads only for small streams: a byte at a time through 500 KiB
+    # would make each example slow without finding anything new.
+    floor = sum(len(data) for data, _ in kernel.skbs) // 128
+    i = 0
+    while kernel.skbs:
+        with dec.get_buffer() as view:
+            size = max(reads[i % len(reads)], floor)
+            data, fds = kernel.recvmsg(min(size, len(view)))
+            view[: len(data)] = data
+        i += 1
+        dec.commit(len(data), fds)
+        while (msg := dec.next_message()) is not None:
+            out.append(msg)  # kept even if the next record is bad
+    dec.end_of_stream()
+
+
+@settings(
+    max_examples=examples(1500),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(shapes=record_shapes, pieces=piece_sizes, reads=read_sizes)
+def test_property_kernel_delivery_decodes_the_same(
+    shapes: list[tuple[int, int, bool]], pieces: list[int], reads: list[int]
 ) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
+    out: list[Message] = []
     try:
-        wire = b"".join(encode(d, n) for d, n in records)
-        # Chunks as a sender would write them: one sendmsg per record, fds
-        # with its first byte; the receiver's reads are cut anywhere.
-        starts, pos = [], 0
-        for d, n in records:
-            starts.append((pos, n))
-            pos += HEADER_SIZE + len(d)
-        bounds = sorted({0, len(wire), *(c % (len(wire) + 1) for c in cuts)})
-        dec = RecordDecoder(Limits())
-        out: list[Message] = []
-        all_fds: list[Fd] = []
-        for lo, hi in itertools.pairwise(bounds):
-            nfds = sum(n for s, n in starts if lo <= s < hi)
-            fds = dup_fds(null, nfds)
-            all_fds.extend(fds)
-            dec.feed(wire[lo:hi], fds)
-            out.extend(drain(dec))
-        dec.end_of_stream()
+        kernel = KernelStream()
+        records, all_fds = send_records(kernel, shapes, pieces, null)
+        dec = RecordDecoder(Limits(max_payload=64 * 1024))
+        receive_all(kernel, dec, reads, out)
         assert [(m.data, len(m.fds)) for m in out] == records
         assert [fd for m in out for fd in m.fds] == all_fds
+        assert dec.at_boundary
+    finally:
         for m in out:
             m.close()
-    finally:
         os.close(null)
 
 
-@settings(max_examples=300, deadline=None)
+@st.composite
+def corruptions(draw: st.DrawFn) -> list[tuple[str, int, int]]:
+    kinds = st.sampled_from(["flip", "set", "cut", "insert", "delete", "fds"])
+    return draw(
+        st.lists(
+            st.tuples(kinds, st.integers(0, 2**20), st.integers(-3, 255)),
+            min_size=1,
+            max_size=4,
+        )
+    )
+
+
+@settings(
+    max_examples=examples(1000),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
-    records=records_strategy,
-    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1),
+    shapes=record_shapes,
+    pieces=piece_sizes,
+    reads=read_sizes,
+    damage=corruptions(),
 )
 def test_property_corruption_is_a_protocol_error_never_a_leak(
-    records: list[tuple[bytes, int]], flips: list[tuple[int, int]]
+    shapes: list[tuple[int, int, bool]],
+    pieces: list[int],
+    reads: list[int],
+    damage: list[tuple[str, int, int]],
 ) -> None:
-    wire = bytearray(b"".join(encode(d, n) for d, n in records) or b"\0")
-    for pos, value in flips:
-        wire[pos % len(wire)] = value
     null = os.open(os.devnull, os.O_RDONLY)
+    out: list[Message] = []
+    sent: list[Fd] = []
     try:
-        fds = dup_fds(null, sum(n for _, n in records))
-        dec = RecordDecoder(Limits(max_payload=4096, max_fds=8))
-        out: list[Message] = []
+        kernel = KernelStream()
+        send_records(kernel, shapes, pieces, null)
+        if not kernel.skbs:
+            kernel.sendmsg(b"\0", [], [])
+        skbs = kernel.skbs
+        for kind, where, value in damage:
+            data, fds = skbs[where % len(skbs)]
+            pos = where % (len(data) + 1)
+            if kind == "flip" and data:
+                data[pos % len(data)] ^= 1 << (value % 8)
+            elif kind == "set" and data:
+                data[pos % len(data)] = value % 256
+            elif kind == "cut":
+                del data[pos:]
+            elif kind == "insert":
+                data[pos:pos] = bytes([value % 256]) * (1 + where % 16)
+            elif kind == "delete":
+                del data[pos : pos + 1 + value % 16]
+            elif kind == "fds":
+                # value < 0: drop fds; otherwise add that many extra (to 253).
+                if value < 0:
+                    for fd in fds[value:]:
+                        fd.close()
+                    del fds[value:]
+                else:
+                    fds.extend(dup_fds(null, min(value % 8, 253 - len(fds))))
+        # Linux drops fds that travel with no byte: model that too.
+        for data, fds in skbs:
+            if not data:
+                for fd in fds:
+                    fd.close()
+                fds.clear()
+        kernel.skbs = deque(skb for skb in skbs if skb[0])
+        wire = b"".join(bytes(data) for data, _ in kernel.skbs)
+        sent = [fd for _, fds in kernel.skbs for fd in fds]
+        dec = RecordDecoder(Limits(max_payload=64 * 1024, max_fds=253))
         try:
-            dec.feed(bytes(wire), fds)
-            while (msg := dec.next_message()) is not None:
-                out.append(msg)
-            dec.end_of_stream()
+            receive_all(kernel, dec, reads, out)
         except ProtocolError:
-            pass
+            # The channel closes the socket: the kernel releases the rest.
+            kernel.close()
+        else:
+            # Accepted: the records re-encode to exactly what arrived, and
+            # they took every descriptor, in arrival order.
+            assert b"".join(encode(m.data, len(m.fds)) for m in out) == wire
+            assert [fd for m in out for fd in m.fds] == sent == kernel.delivered
         for m in out:
             m.close()
-        assert all(fd.closed for fd in fds)
+        # Never a leaked descriptor: everything the decoder was given is
+        # closed now, whether a message carried it or the decoder gave up.
+        assert all(fd.closed for fd in kernel.delivered)
     finally:
+        for m in out:
+            m.close()
+        for fd in sent:
+            fd.close()
         os.close(null)

@@ -93,6 +93,34 @@ async def test_peer_killed_mid_record(anyio_backend: object) -> None:
     assert proc.returncode == -9
 
 
+async def test_sender_over_its_in_flight_limit_gets_limit_error(
+    anyio_backend: object,
+) -> None:
+    # The child sends 40-fd records with RLIMIT_NOFILE 64 and no
+    # capabilities, while we do not receive: the kernel refuses the third
+    # with ETOOMANYREFS. Nothing of that record is on the wire: we get the
+    # complete earlier records, then the child's report, then (after we
+    # drained, so nothing is in flight) a record on the same channel.
+    chan, proc = await spawn("too-many-refs", backend_id(anyio_backend))
+    assert proc.stdout is not None
+    async with chan:
+        with anyio.fail_after(20):
+            first_line = await proc.stdout.receive()  # the child hit the limit
+            while (msg := await chan.receive()).data == b"batch":
+                assert len(msg.fds) == 40
+                msg.close()
+            report = msg.data.decode()
+        assert report == "refused after 2"
+        await chan.send(b"drained")
+        with await chan.receive() as after:
+            assert after.data == b"after" and len(after.fds) == 2
+        with pytest.raises(anyio.EndOfStream):
+            await chan.receive()
+    out = first_line.decode() + await finish(proc)
+    assert proc.returncode == 0, out
+    assert "ETOOMANYREFS" in out and "Nothing was sent" in out
+
+
 async def test_children_do_not_inherit_received_fds() -> None:
     a, b = aiofdpass.channel_pair()
     with pipe() as (r, _):

@@ -9,6 +9,7 @@ anyio). Start with :func:`channel_pair`, :func:`connect` and :func:`listen`;
 from __future__ import annotations
 
 from ._channel import FdChannel, channel_pair
+from ._credentials import FdPassAttribute, PeerCredentials, same_user
 from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolError
 from ._fd import Fd
 from ._message import Limits, Message
@@ -23,11 +24,13 @@ __all__ = [
     "Fd",
     "FdChannel",
     "FdListener",
+    "FdPassAttribute",
     "FdPassError",
     "FdStream",
     "LimitError",
     "Limits",
     "Message",
+    "PeerCredentials",
     "ProtocolError",
     "__version__",
     "channel_from_env",
@@ -36,6 +39,7 @@ __all__ = [
     "connect_stream",
     "listen",
     "open_child_process",
+    "same_user",
     "stream_pair",
 ]
 

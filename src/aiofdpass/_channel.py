@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from time import perf_counter_ns
 from collections.abc import Iterable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from anyio import (
@@ -142,7 +142,8 @@ class FdChannel(Connection, ObjectStream[Message]):
 
         An isolated small record is written at once. Records sent in a burst
         (less than 10 microseconds apart, as in a loop that sends without
-        waiting) are queued and coalesced: many go out in one ``sendmsg``, written on the event loop's next iteration, by the next
+        waiting) are queued and coalesced: many go out in one ``sendmsg``,
+        written on the event loop's next iteration, by the next
         :meth:`receive` before it waits, when the queue is full, or by
         :meth:`send_eof` / :meth:`aclose` (which wait for the queue to be
         written). A record that meets a full socket is queued too. A write

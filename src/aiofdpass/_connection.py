@@ -7,10 +7,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-from anyio import TypedAttributeProvider
+from anyio import ClosedResourceError, TypedAttributeProvider
 from anyio.abc import SocketAttribute
 from anyio.lowlevel import checkpoint
 
+from ._credentials import FdPassAttribute, PeerCredentials, peer_credentials_of
 from ._transport import Transport
 
 __all__ = ["Connection", "adopt_fd"]
@@ -30,6 +31,7 @@ class Connection(TypedAttributeProvider):
         self._transport = Transport(sock)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._receive_guard = anyio.ResourceGuard("receiving from")
+        self._peer_credentials: PeerCredentials | None = None
 
     @property
     def closed(self) -> bool:
@@ -43,6 +45,24 @@ class Connection(TypedAttributeProvider):
         hand a channel to another process. It never raises.
         """
         return self._transport.sock.fileno()
+
+    @property
+    def peer_credentials(self) -> PeerCredentials:
+        """The peer's :class:`PeerCredentials` (pid, uid, gid), from ``SO_PEERCRED``.
+
+        The kernel recorded them when the connection was made, so they stay
+        the same for the connection's life (and stay readable after
+        :meth:`aclose` once read). Also available as the typed attribute
+        ``FdPassAttribute.peer_credentials``.
+
+        :raises anyio.ClosedResourceError: if the connection was closed
+            before they were first read.
+        """
+        if self._peer_credentials is None:
+            if self._transport.closed:
+                raise ClosedResourceError("this connection was closed with aclose()")
+            self._peer_credentials = peer_credentials_of(self._transport.sock)
+        return self._peer_credentials
 
     async def send_eof(self) -> None:
         """Shut down the sending side; the peer receives end of stream.
@@ -73,11 +93,15 @@ class Connection(TypedAttributeProvider):
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
-        """Anyio typed attributes: ``SocketAttribute.family``, addresses, raw socket."""
+        """Anyio typed attributes: ``SocketAttribute`` family, addresses, raw socket.
+
+        Also ``FdPassAttribute.peer_credentials``.
+        """
         sock = self._transport.sock
         return {
             SocketAttribute.family: lambda: socket.AF_UNIX,
             SocketAttribute.local_address: sock.getsockname,
             SocketAttribute.remote_address: sock.getpeername,
             SocketAttribute.raw_socket: lambda: sock,
+            FdPassAttribute.peer_credentials: lambda: self.peer_credentials,
         }

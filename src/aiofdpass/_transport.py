@@ -15,7 +15,7 @@ import fcntl
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import anyio
@@ -146,7 +146,7 @@ class Transport:
         self._broken_reason = ""
         # asyncio only: the future each direction waits on (True: reading).
         self._waiters: dict[bool, asyncio.Future[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None | bool = None
+        self._loop: asyncio.AbstractEventLoop | bool | None = None
         #: Called once when the transport breaks, to release what the layer
         #: above holds (buffered records and their descriptors).
         self.on_break: Callable[[], None] | None = None

@@ -19,6 +19,7 @@ from anyio.abc import Listener, SocketAttribute, TaskGroup
 from anyio.lowlevel import checkpoint
 
 from ._channel import FdChannel
+from ._credentials import AllowPolicy, PeerCredentials, check_peer, make_policy
 from ._message import Limits
 from ._stream import FdStream
 
@@ -180,11 +181,19 @@ async def listen(
     mode: int = 0o600,
     backlog: int = socket.SOMAXCONN,
     limits: Limits | None = None,
+    allow: AllowPolicy | None = None,
 ) -> FdListener:
     """Listen on a UNIX socket path and return an :class:`FdListener`.
 
     A stale socket file (nobody listening) is replaced; a live one, or a
-    path that is not a socket, is never touched.
+    path that is not a socket (a symlink included), is never touched.
+
+    The socket file never exists with a mode looser than ``mode``: the
+    socket is bound inside a fresh private (0700) directory next to
+    ``path``, given ``mode`` there, then hard-linked to ``path``. This is
+    safe with threads, unlike changing the process-wide umask around
+    ``bind``, and ``link`` refuses to replace a file that appeared at
+    ``path`` meanwhile.
 
     :param path: where to listen; a leading NUL byte means the abstract
         namespace (no file, ``mode`` does not apply).
@@ -193,10 +202,21 @@ async def listen(
     :param backlog: the ``listen`` backlog (the kernel caps it at
         ``net.core.somaxconn``).
     :param limits: record limits for every accepted channel.
+    :param allow: who may connect: a collection of uids, or a function
+        that takes the peer's :class:`PeerCredentials` and returns ``True``
+        to admit it (see :func:`same_user`). A refused peer is closed before
+        a single byte or descriptor is read from it, the refusal is logged
+        (logger ``"aiofdpass"``, level WARNING), and :meth:`FdListener.accept`
+        waits for the next connection. A policy that raises refuses. By
+        default everyone who can reach the socket may connect: the file mode
+        limits that for a path, but nothing does for an abstract name.
+    :raises TypeError: if ``allow`` is neither a collection of ints nor
+        callable.
     :raises FileExistsError: if ``path`` exists and is not a socket.
     :raises OSError: ``EADDRINUSE`` if a server is listening there.
     """
     p = _normalize(path)
+    policy = make_policy(allow)
     await checkpoint()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -210,7 +230,7 @@ async def listen(
     except BaseException:
         sock.close()
         raise
-    return FdListener(sock, path=p, identity=identity, limits=limits)
+    return FdListener(sock, path=p, identity=identity, limits=limits, allow=policy)
 
 
 class FdListener(Listener[FdChannel]):
@@ -228,8 +248,10 @@ class FdListener(Listener[FdChannel]):
         path: str | bytes,
         identity: os.stat_result | None,
         limits: Limits | None,
+        allow: Callable[[PeerCredentials], bool] | None = None,
     ) -> None:
         self._sock = sock
+        self._allow = allow
         self._path = path
         self._identity = identity
         self._limits = limits
@@ -243,6 +265,9 @@ class FdListener(Listener[FdChannel]):
 
     async def accept(self) -> FdChannel:
         """Wait for a connection and return it as an :class:`FdChannel`.
+
+        Connections that the listener's ``allow`` policy refuses are closed
+        unread and skipped.
 
         :raises anyio.ClosedResourceError: if the listener was closed.
         :raises anyio.BusyResourceError: if another task is accepting.
@@ -267,6 +292,10 @@ class FdListener(Listener[FdChannel]):
                     if self._closed:
                         raise ClosedResourceError("this listener was closed") from None
                     raise
+                if self._allow is not None and not check_peer(conn, self._allow):
+                    conn.close()  # nothing was read: no byte, no descriptor
+                    await checkpoint()  # a flood of refusals must not starve others
+                    continue
                 try:
                     return FdChannel(conn, limits=self._limits)
                 except BaseException:
