@@ -250,4 +250,8 @@ async def test_many_senders_cancelled_at_random() -> None:
     for t in range(20):
         mine = [i for tt, i in got if tt == t]
         assert mine == sorted(mine)
-    assert 0 < len(done) < 500
+    # Small sends rarely suspend (at most every 32nd call yields), so a
+    # random cancel seldom lands inside one: that is allowed, and which sends
+    # were cancelled varies. What must hold is above: received == returned.
+    # test_cancel_send_at_every_await_point cancels at each point for sure.
+    assert 0 < len(done) <= 500

@@ -146,3 +146,34 @@ def test_limits_type() -> None:
     with pytest.raises(TypeError):
         Limits(max_fds=True)
     assert Limits() == Limits(16 * 1024 * 1024, 253)
+
+
+def test_message_close_with_a_contiguous_run_closes_exactly_those() -> None:
+    r, w = os.pipe()
+    # Dup into a contiguous run of numbers, with a neighbour on each side.
+    base = os.dup(r)
+    run = [os.dup(r) for _ in range(5)]
+    after = os.dup(r)
+    assert run == list(range(run[0], run[0] + 5))
+    msg = Message(b"", [Fd(n) for n in reversed(run)])
+    msg.close()
+    assert all(fd.closed for fd in msg.fds)
+    for n in run:
+        with pytest.raises(OSError):  # noqa: PT011
+            os.fstat(n)
+    os.fstat(base)  # the neighbours are untouched
+    os.fstat(after)
+    for n in (base, after, r, w):
+        os.close(n)
+
+
+def test_message_close_with_gaps_closes_one_by_one() -> None:
+    r, w = os.pipe()
+    a, gap, b, c = (os.dup(r) for _ in range(4))
+    msg = Message(b"", [Fd(a), Fd(b), Fd(c)])
+    msg.fds[1].take()  # taken: the rest is no longer one run
+    msg.close()
+    os.fstat(gap)
+    os.fstat(b)  # taken, so still open
+    for n in (gap, b, r, w):
+        os.close(n)

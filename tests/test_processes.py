@@ -106,11 +106,17 @@ async def test_sender_over_its_in_flight_limit_gets_limit_error(
     async with chan:
         with anyio.fail_after(20):
             first_line = await proc.stdout.receive()  # the child hit the limit
+            batches = 0
             while (msg := await chan.receive()).data == b"batch":
                 assert len(msg.fds) == 40
                 msg.close()
+                batches += 1
             report = msg.data.decode()
-        assert report == "refused after 2"
+        # Usually 2 fit under the limit; fewer when other processes of this
+        # user have descriptors in flight (the limit counts per user). Every
+        # send that returned arrived whole, the refused one not at all.
+        assert batches <= 2
+        assert report == f"refused after {batches}"
         await chan.send(b"drained")
         with await chan.receive() as after:
             assert after.data == b"after" and len(after.fds) == 2

@@ -48,6 +48,9 @@ __all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "RecordDecoder", "encode_header"]
 MAGIC = b"FD"
 VERSION = 1
 _HEADER = struct.Struct("!2sBBHHI")
+# The same 12 bytes read as (magic+version+flags, nfds, reserved, length).
+_FAST = struct.Struct("!4sHHI")
+_LEAD = b"FD\x01\x00"
 HEADER_SIZE = _HEADER.size  # 12
 
 #: How much a single read may bring in at least, when no record needs more.
@@ -82,6 +85,7 @@ class RecordDecoder:
         # in and valid.
         self._header: tuple[int, int] | None = None
         self._failed: ProtocolError | None = None
+        self._small_reads = 0
 
     # -- input ------------------------------------------------------------
 
@@ -134,27 +138,45 @@ class RecordDecoder:
         :raises ProtocolError: if the peer broke the framing; the decoder has
             then closed every descriptor it held.
         """
-        self._check_usable()
+        if self._failed is not None:
+            self._check_usable()
+        start = self._start
         header = self._header
         if header is None:
-            if self._end - self._start < HEADER_SIZE:
+            if self._end - start < HEADER_SIZE:
                 self._check_unclaimed()
                 return None
-            header = self._header = self._parse_header()
-        payload_length, nfds = header
-        body = self._start + HEADER_SIZE
+            # Fast path: one compare covers magic, version and flags.
+            lead, nfds, reserved, payload_length = _FAST.unpack_from(self._buf, start)
+            if (
+                lead != _LEAD
+                or reserved
+                or payload_length > self._limits.max_payload
+                or nfds > self._limits.max_fds
+            ):
+                self._parse_header()  # raises with the precise reason
+        else:
+            payload_length, nfds = header
+        body = start + HEADER_SIZE
         if self._end - body < payload_length:
+            self._header = (payload_length, nfds)
             self._check_unclaimed()
             return None
-        if len(self._fds) < nfds:
+        queue = self._fds
+        if len(queue) < nfds:
             self._fail(
                 f"a record announced {nfds} descriptor(s) but only "
-                f"{len(self._fds)} arrived with it: the peer attached fewer "
+                f"{len(queue)} arrived with it: the peer attached fewer "
                 "descriptors than its header says"
             )
         with memoryview(self._buf) as view:
             data = bytes(view[body : body + payload_length])
-        fds = tuple(self._fds.popleft() for _ in range(nfds))
+        if nfds == 1:
+            fds: tuple[Fd, ...] = (queue.popleft(),)
+        elif nfds:
+            fds = tuple([queue.popleft() for _ in range(nfds)])
+        else:
+            fds = ()
         self._start = body + payload_length
         self._header = None
         return Message._unchecked(data, fds)
@@ -205,9 +227,23 @@ class RecordDecoder:
 
     def _reserve(self, n: int) -> None:
         """Make sure at least ``n`` bytes are free after ``_end``."""
+        pending = self._end - self._start
+        if len(self._buf) > 4 * READ_SIZE:
+            # Big records went through. Give the memory back once reads have
+            # been small for a while (not after each big record: growing
+            # again would cost a zero-filled copy of its size every time).
+            if pending + n > READ_SIZE:
+                self._small_reads = 0
+            else:
+                self._small_reads += 1
+                if self._small_reads >= 16:
+                    self._small_reads = 0
+                    self._buf[:pending] = self._buf[self._start : self._end]
+                    self._start, self._end = 0, pending
+                    del self._buf[READ_SIZE:]
+                    return
         if len(self._buf) - self._end >= n:
             return
-        pending = self._end - self._start
         if self._start:
             # Move the undecoded tail to the front (once per read, not once
             # per record, so many small records cost linear time).
@@ -215,9 +251,6 @@ class RecordDecoder:
             self._start, self._end = 0, pending
         if len(self._buf) - self._end < n:
             self._buf.extend(bytes(n - (len(self._buf) - self._end)))
-        elif len(self._buf) > 4 * READ_SIZE and pending + n <= READ_SIZE:
-            # A big record went through; give the memory back.
-            del self._buf[READ_SIZE:]
 
     def _parse_header(self) -> tuple[int, int]:
         magic, version, flags, nfds, reserved, length = _HEADER.unpack_from(
