@@ -91,8 +91,24 @@ async def too_many_refs(chan: FdChannel) -> None:
     await chan.send(b"after", [r, w])
 
 
+async def too_many_refs_queued(chan: FdChannel) -> None:
+    """Hit ETOOMANYREFS while flushing coalesced records: they wait, not drop."""
+    drop_capabilities()
+    r, _ = os.pipe()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    await chan.send(b"big", [r] * 253)  # direct: 253 in flight, under 300
+    while not chan._outbox:  # until a send lands in a burst (queued)
+        await chan.send(b"n")
+    for i in range(16):  # 16 x 16 fds queued, more than the limit allows
+        await chan.send(b"small%d" % i, [r] * 16)
+    print("queued", flush=True)  # the parent starts receiving only now
+    await chan.send_eof()  # waits until every queued record is written
+
+
 MODES = {
     "send-kinds": send_kinds,
+    "too-many-refs-queued": too_many_refs_queued,
     "fd-limit": at_fd_limit,
     "die": die_mid_record,
     "too-many-refs": too_many_refs,

@@ -127,6 +127,26 @@ async def test_sender_over_its_in_flight_limit_gets_limit_error(
     assert "ETOOMANYREFS" in out and "Nothing was sent" in out
 
 
+async def test_queued_records_wait_out_etoomanyrefs(anyio_backend: object) -> None:
+    # The child queues 16 records of 16 fds while 253 of its fds are in
+    # flight and its limit is 300: the flush meets ETOOMANYREFS. That is
+    # backpressure, not an error: every record arrives once we receive.
+    chan, proc = await spawn("too-many-refs-queued", backend_id(anyio_backend))
+    assert proc.stdout is not None
+    async with chan:
+        with anyio.fail_after(20):
+            assert (await proc.stdout.receive()).startswith(b"queued")
+            got = []
+            async for msg in chan:
+                with msg:
+                    got.append((msg.data, len(msg.fds)))
+    await finish(proc)
+    assert proc.returncode == 0
+    assert got[0] == (b"big", 253)
+    smalls = [g for g in got if g[0].startswith(b"small")]
+    assert smalls == [(b"small%d" % i, 16) for i in range(16)]
+
+
 async def test_children_do_not_inherit_received_fds() -> None:
     a, b = aiofdpass.channel_pair()
     with pipe() as (r, _):

@@ -220,3 +220,33 @@ async def test_paths_longer_than_sun_path(tmp_path: Path) -> None:
         assert info.value.errno == errno.EADDRINUSE
     assert not path.exists()
     assert os.listdir(deep) == []  # no temporary directory left behind
+
+
+async def test_serve_closes_a_channel_whose_peer_never_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aiofdpass._unix, "SERVE_CLOSE_TIMEOUT", 0.2)
+    path = tmp_path / "s.sock"
+    finished = anyio.Event()
+
+    async def handler(chan: FdChannel) -> None:
+        # Queue far more than the socket holds; the client never reads.
+        with pipe() as (r, _):
+            with anyio.move_on_after(0.3):
+                while True:
+                    await chan.send(b"x" * 1000, [r])
+        finished.set()
+
+    async with (
+        await aiofdpass.listen(path) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(listener.serve, handler)
+        async with await aiofdpass.connect(path):
+            await finished.wait()
+            before = len(os.listdir("/proc/self/fd"))
+            with anyio.fail_after(5):
+                # The server gave up on the queue and closed the channel.
+                while len(os.listdir("/proc/self/fd")) >= before:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()

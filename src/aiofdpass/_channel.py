@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
+import anyio
 from anyio import (
     BrokenResourceError,
     BusyResourceError,
@@ -18,7 +19,7 @@ from anyio import (
 from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint
 
-from ._backend import LoopHooks, current_hooks
+from ._backend import current_hooks
 from ._codec import RecordDecoder, encode_header
 from ._connection import Connection, adopt_fd
 from ._convert import close_sent, filenos_of
@@ -41,10 +42,14 @@ _DIRECT_FDS = 16
 # _HIGH_WATER bytes.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+# ... and once it holds this many of our duplicate descriptors: each one is
+# an open file in this process until it is sent.
+_FD_HIGH_WATER = 1024
+_FD_LOW_WATER = 256
 # A send less than this long after the previous one is part of a burst and
 # is coalesced with it; an isolated send is written at once.
 _BURST_NS = 10_000
-# A call that never has to wait still yields every 16 calls (fairness, and
+# A call that never has to wait still yields every 32 calls (fairness, and
 # a cancellation point in a loop that never blocks).
 _YIELD_EVERY_MASK = 31
 
@@ -72,7 +77,6 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._outbox = Outbox()
         self._flush_scheduled = False
         self._flusher_running = False
-        self._hooks: LoopHooks | None = None
         self._send_calls = 0
         self._last_write = 0
         self._receive_calls = 0
@@ -196,7 +200,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         if len(payload) > limits.max_payload:
             raise LimitError(
                 f"the payload is {len(payload)} bytes, over this channel's "
-                f"max_payload of {limits.max_payload}; nothing was sent"
+                f"max_payload of {limits.max_payload}: split it across records "
+                "or raise Limits.max_payload on both sides. Nothing was sent"
             )
         if len(numbers) > limits.max_fds:
             raise LimitError(
@@ -211,18 +216,26 @@ class FdChannel(Connection, ObjectStream[Message]):
         if self._send_calls & _YIELD_EVERY_MASK == 0:
             await checkpoint()
         if len(payload) > _DIRECT_BYTES or len(numbers) > _DIRECT_FDS:
-            async with self._send_lock:
-                transport.check_writable()
-                await self._drain(0)
-                buffers = [memoryview(header), memoryview(payload)]
-                await transport.send_all(buffers if payload else buffers[:1], numbers)
-            if self._outbox:  # queued by others while we held the lock
+            try:
+                async with self._send_lock:
+                    transport.check_writable()
+                    await self._drain(full=True)
+                    buffers = [memoryview(header), memoryview(payload)]
+                    await transport.send_all(
+                        buffers if payload else buffers[:1], numbers
+                    )
+            finally:
+                # Records others queued while we held the lock (also when we
+                # failed or were cancelled) must not wait for the next call.
                 self._flush_now()
         else:
-            if self._outbox.nbytes >= _HIGH_WATER:
-                async with self._send_lock:
-                    await self._drain(_LOW_WATER)
-                self._flush_now()
+            outbox = self._outbox
+            if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= _FD_HIGH_WATER:
+                try:
+                    async with self._send_lock:
+                        await self._drain(full=False)
+                finally:
+                    self._flush_now()
             transport.check_writable()
             now = perf_counter_ns()
             if (
@@ -313,7 +326,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         await checkpoint()
         async with self._send_lock:
             self._transport.check_writable()
-            await self._drain(0)
+            await self._drain(full=True)
             self._transport.shutdown_write()
 
     async def aclose(self) -> None:
@@ -328,7 +341,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         if self._outbox and not self._transport.closed:
             try:
                 async with self._send_lock:
-                    await self._drain(0)
+                    await self._drain(full=True)
             except (BrokenResourceError, ClosedResourceError):
                 pass  # the peer is gone: nothing more can be delivered
             finally:
@@ -346,7 +359,7 @@ class FdChannel(Connection, ObjectStream[Message]):
             self._outbox.add(header, payload, _duplicate(numbers))
         elif sent < len(header) + len(payload):
             # Its descriptors went with the first bytes; the rest follows.
-            self._outbox.add(b"", (header + payload)[sent:], [])
+            self._outbox.add_tail((header + payload)[sent:])
         else:
             return
         self._schedule_flush()  # the socket is full: a flusher waits for it
@@ -354,36 +367,36 @@ class FdChannel(Connection, ObjectStream[Message]):
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            if self._hooks is None:
-                self._hooks = current_hooks()
-            self._hooks.call_soon(self._flush_soon)
+            # Looked up each time: a channel may outlive one event loop.
+            current_hooks().call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
-        if self._outbox and not self._send_lock.locked():
-            self._flush_now()
+        self._flush_now()
 
     def _flush_now(self) -> None:
         """Write what the socket takes now; leave the rest to a flusher task."""
         transport = self._transport
         if transport.closed or transport.broken or self._send_lock.locked():
             return  # whoever holds the lock writes the queue before letting go
+        if not self._outbox:
+            return
         try:
             done = self._outbox.write_some(transport.sock)
         except OSError as exc:
-            transport.fail_write(exc)
-            return
+            if exc.errno != errno.ETOOMANYREFS:
+                transport.fail_write(exc)
+                return
+            done = False  # the flusher retries once the peer took some
         if not done and not self._flusher_running:
             self._flusher_running = True
-            if self._hooks is None:
-                self._hooks = current_hooks()
-            self._hooks.spawn(self._flusher)
+            current_hooks().spawn(self._flusher)
 
     async def _flusher(self) -> None:
         """Background task: wait for a full socket to drain, write the queue."""
         try:
             async with self._send_lock:
-                await self._drain(0)
+                await self._drain(full=True)
         except BaseException:  # errors are recorded on the transport
             # Errors broke the channel (the next call reports them); a
             # cancellation means the event loop is shutting down.
@@ -391,22 +404,35 @@ class FdChannel(Connection, ObjectStream[Message]):
         finally:
             self._flusher_running = False
 
-    async def _drain(self, low_water: int) -> None:
-        """Write queued records until at most ``low_water`` bytes remain.
+    async def _drain(self, *, full: bool) -> None:
+        """Write queued records: all of them, or until below the low marks.
 
         The caller holds the send lock, so nobody else waits for the socket
-        to become writable.
+        to become writable. ``ETOOMANYREFS`` (this user has too many
+        descriptors in flight) is backpressure too: the count drops as the
+        peer receives, but no event says when, so it retries with a growing
+        pause.
         """
         outbox = self._outbox
         transport = self._transport
-        while outbox.nbytes > low_water or (low_water == 0 and outbox):
+        pause = 0.001
+        while (
+            outbox
+            if full
+            else (outbox.nbytes > _LOW_WATER or outbox.nfds > _FD_LOW_WATER)
+        ):
             transport.check_open()
             try:
                 if outbox.write_some(transport.sock):
                     return
             except OSError as exc:
+                if exc.errno == errno.ETOOMANYREFS:
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
+                    continue
                 transport.fail_write(exc)
                 transport.check_open()
+            pause = 0.001
             await transport.wait_writable()
 
     def _close_now(self) -> None:
@@ -424,6 +450,14 @@ def _duplicate(numbers: list[int]) -> list[int]:
     except OSError as exc:
         for fd in owned:
             os.close(fd)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise OSError(
+                exc.errno,
+                "out of descriptors while queueing a record (this channel "
+                "holds its own copies of queued descriptors until they are "
+                "sent): close descriptors, raise RLIMIT_NOFILE, or let the "
+                "peer catch up. Nothing was sent",
+            ) from None
         if exc.errno == errno.EBADF:
             raise OSError(
                 errno.EBADF,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
@@ -15,6 +16,8 @@ from anyio.abc import AsyncResource, SocketAttribute
 from ._fd import Fd
 
 __all__ = ["FileDescriptorLike", "close_sent", "filenos_of"]
+
+logger = logging.getLogger("aiofdpass")
 
 
 @runtime_checkable
@@ -76,19 +79,27 @@ def filenos_of(objs: Iterable[object]) -> list[int]:
 async def close_sent(objs: Iterable[Any]) -> None:
     """Close the caller's copies after a successful send (``close_fds=True``).
 
-    A later close that fails does not stop the others from being closed.
+    The record was delivered (or committed), so this never raises: that
+    would tell the caller the send failed and invite a second hand-off. A
+    number given twice is closed once; a close that fails is logged.
     """
-    errors: list[BaseException] = []
+    seen: set[int] = set()
     for obj in objs:
         try:
             if isinstance(obj, int):
+                if obj in seen:
+                    continue
+                seen.add(obj)
                 os.close(obj)
             elif hasattr(obj, "close"):
                 obj.close()
             elif isinstance(obj, AsyncResource):
                 with anyio.CancelScope(shield=True):
                     await obj.aclose()
-        except Exception as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+        except Exception:
+            logger.warning(
+                "close_fds: closing %r failed after the send; the record "
+                "was sent all the same",
+                obj,
+                exc_info=True,
+            )

@@ -46,7 +46,10 @@ class Fd:
         :raises ValueError: if the descriptor was already closed or taken.
         """
         if self._fd < 0:
-            raise ValueError("I/O operation on a closed or taken Fd")
+            raise ValueError(
+                "I/O operation on a closed or taken Fd: after take() use the "
+                "number it returned; after close() the descriptor is gone"
+            )
         return self._fd
 
     def take(self) -> int:

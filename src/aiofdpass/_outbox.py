@@ -42,12 +42,14 @@ class _Segment:
 class Outbox:
     """A FIFO of encoded records and the descriptors that go with them."""
 
-    __slots__ = ("_segments", "nbytes")
+    __slots__ = ("_segments", "nbytes", "nfds")
 
     def __init__(self) -> None:
         self._segments: deque[_Segment] = deque()
         #: Bytes queued and not yet written.
         self.nbytes = 0
+        #: Descriptors queued (our duplicates) and not yet sent.
+        self.nfds = 0
 
     def __bool__(self) -> bool:
         return bool(self._segments)
@@ -67,7 +69,22 @@ class Outbox:
         seg.buf += payload
         if fds:
             seg.fds += fds
+            self.nfds += len(fds)
         self.nbytes += len(header) + len(payload)
+
+    def add_tail(self, rest: bytes) -> None:
+        """Queue the unwritten rest of a record whose descriptors already went.
+
+        It gets a segment of its own that no descriptor may join: the peer
+        already holds the record's descriptors, and a later record's must
+        not ride on these bytes (the peer could then hold more than 253
+        unclaimed ones).
+        """
+        seg = _Segment()
+        seg.buf += rest
+        seg.fds_sent = True
+        self._segments.append(seg)
+        self.nbytes += len(rest)
 
     def write_some(self, sock: socket.socket) -> bool:
         """Write as much as the socket takes now; return ``True`` once empty.
@@ -91,6 +108,7 @@ class Outbox:
             if ancdata:
                 seg.fds_sent = True
                 fds, seg.fds = seg.fds, []
+                self.nfds -= len(fds)
                 for fd in fds:
                     os.close(fd)
             seg.pos += sent
@@ -105,4 +123,10 @@ class Outbox:
         while self._segments:
             for fd in self._segments.popleft().fds:
                 os.close(fd)
-        self.nbytes = 0
+        self.nbytes = self.nfds = 0
+
+    def __del__(self) -> None:
+        # A channel dropped without aclose() (or an event loop that ended
+        # with records queued): the socket warns; the duplicates must not
+        # stay open for the life of the process.
+        self.discard()

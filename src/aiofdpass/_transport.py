@@ -146,7 +146,7 @@ class Transport:
         self._broken_reason = ""
         # asyncio only: the future each direction waits on (True: reading).
         self._waiters: dict[bool, asyncio.Future[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | bool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Called once when the transport breaks, to release what the layer
         #: above holds (buffered records and their descriptors).
         self.on_break: Callable[[], None] | None = None
@@ -352,13 +352,9 @@ class Transport:
         Either way it is a cancellation point and :meth:`close` wakes it with
         :class:`anyio.ClosedResourceError`.
         """
-        loop = self._loop
+        # Looked up each time (cheap): a channel may outlive one event loop.
+        loop = self._loop = asyncio._get_running_loop()
         if loop is None:
-            native = anyio.lowlevel.current_token().native_token
-            loop = self._loop = (
-                native if isinstance(native, asyncio.AbstractEventLoop) else False
-            )
-        if loop is False:
             waiter = anyio.wait_readable if readable else anyio.wait_writable
             try:
                 await waiter(self.sock)
@@ -367,7 +363,6 @@ class Transport:
                     "this channel was closed with aclose() while waiting"
                 ) from None
             return
-        assert isinstance(loop, asyncio.AbstractEventLoop)
         fd = self.sock.fileno()
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters[readable] = fut

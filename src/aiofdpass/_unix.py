@@ -31,6 +31,10 @@ logger = logging.getLogger("aiofdpass")
 #: with a NUL byte is in Linux's abstract namespace (no file is created).
 SocketPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
+#: How long ``serve`` lets a finished handler's queued records drain before
+#: it closes the channel regardless (seconds).
+SERVE_CLOSE_TIMEOUT = 10.0
+
 # How long serve() waits before accepting again when out of descriptors.
 _EMFILE_BACKOFF = 0.1
 
@@ -309,7 +313,9 @@ class FdListener(Listener[FdChannel]):
     ) -> NoReturn:
         """Accept connections forever, running ``handler(channel)`` in a task each.
 
-        Each channel is closed when its handler returns or raises; an
+        Each channel is closed when its handler returns or raises (records
+        it still queues get up to ``SERVE_CLOSE_TIMEOUT``, 10 seconds, to be
+        written; a peer that does not read them by then loses them); an
         exception from a handler is logged (logger ``"aiofdpass"``) and does
         not stop the server. Running out of descriptors (``EMFILE``) is
         logged and retried. Stop it by cancelling, or by closing the
@@ -324,15 +330,20 @@ class FdListener(Listener[FdChannel]):
         """
 
         async def run(channel: FdChannel) -> None:
-            async with channel:
-                try:
-                    await handler(channel)
-                except Exception:
-                    logger.exception(
-                        "connection handler %r raised; its channel was closed "
-                        "and the server goes on",
-                        handler,
-                    )
+            try:
+                await handler(channel)
+            except Exception:
+                logger.exception(
+                    "connection handler %r raised; its channel was closed "
+                    "and the server goes on",
+                    handler,
+                )
+            finally:
+                # Records the handler queued get a bounded time to leave: a
+                # client that never reads must not pin the channel (and the
+                # descriptors queued on it) forever.
+                with anyio.move_on_after(SERVE_CLOSE_TIMEOUT):
+                    await channel.aclose()
 
         async with AsyncExitStack() as stack:
             if task_group is None:

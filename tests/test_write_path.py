@@ -1,0 +1,168 @@
+"""The coalescing write path: records queued, written later, never lost."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import socket
+
+import anyio
+import pytest
+from anyio.abc import SocketAttribute
+
+from aiofdpass import FdChannel, channel_pair
+from aiofdpass._codec import encode_header
+from aiofdpass._outbox import Outbox
+
+from .helpers import identity, pipe, small_buffers
+
+pytestmark = pytest.mark.anyio
+
+
+def raw(chan: FdChannel) -> socket.socket:
+    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
+    return sock
+
+
+def copies_of(fd: int) -> int:
+    """How many descriptors of this process refer to ``fd``'s open file."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        # The listing's own descriptor is closed by the time we look.
+        with contextlib.suppress(OSError):
+            count += identity(int(name)) == identity(fd)
+    return count
+
+
+def fill(sock: socket.socket) -> int:
+    """Fill the socket's buffer with empty records; return how many."""
+    filler = encode_header(0, 0)
+    count = 0
+    while True:
+        try:
+            assert sock.send(filler) == len(filler)
+        except BlockingIOError:
+            return count
+        count += 1
+
+
+async def test_a_partly_written_record_never_lends_its_tail_to_later_fds() -> None:
+    # A record written at once but cut by a full socket leaves its tail
+    # queued; a burst then queues 15 x 16 fds. The tail must not carry them,
+    # or the receiver would hold 16 + 240 > 253 unclaimed fds: a valid
+    # sender would look like a protocol violation.
+    a, b = channel_pair()
+    small_buffers(raw(a), raw(b))
+    with pipe() as (r, _):
+        async with a, b:
+            await anyio.sleep(0.01)  # make the next send an isolated one
+            await a.send(b"A" * 60_000, [r] * 16)
+            for i in range(15):
+                await a.send(b"b%d" % i, [r] * 16)
+            for i in range(16):
+                with await b.receive() as msg:
+                    assert msg.data == (b"A" * 60_000 if i == 0 else b"b%d" % (i - 1))
+                    assert len(msg.fds) == 16
+
+
+async def test_records_queued_behind_a_cancelled_large_send_still_go_out() -> None:
+    a, b = channel_pair()
+    small_buffers(raw(a), raw(b))
+    count = fill(raw(a))
+    async with a, b, anyio.create_task_group() as tg:
+        big_scope = anyio.CancelScope()
+
+        async def big() -> None:
+            with big_scope:
+                await a.send(b"x" * (70 * 1024))
+
+        tg.start_soon(big)
+        await anyio.wait_all_tasks_blocked()
+        await a.send(b"small")  # queued behind the large send
+        big_scope.cancel()  # before the large send wrote its first byte
+        await anyio.wait_all_tasks_blocked()
+        for _ in range(count):
+            assert (await b.receive()).data == b""
+        with anyio.fail_after(5):  # nothing but the queue's own flush
+            assert (await b.receive()).data == b"small"
+
+
+async def test_queued_descriptors_are_bounded() -> None:
+    # The peer does not read: records queue with our duplicates of their
+    # fds, and send waits once 1024 are queued instead of piling up copies
+    # until the process runs out of descriptors.
+    a, b = channel_pair()
+    small_buffers(raw(a), raw(b))
+    fill(raw(a))
+    before = len(os.listdir("/proc/self/fd"))
+    with pipe() as (r, _):
+        async with a, b:
+            returned = 0
+            with anyio.move_on_after(0.5) as scope:
+                while True:
+                    await a.send(b"", [r])
+                    returned += 1
+            assert scope.cancelled_caught
+            assert 1024 <= returned < 1100
+            assert len(os.listdir("/proc/self/fd")) - before < 1100
+
+
+def test_a_dropped_outbox_closes_its_queued_duplicates() -> None:
+    # A channel dropped without aclose() (or whose event loop ended with
+    # records queued) must not keep its copies open for the process's life.
+    with pipe() as (r, w):
+        outbox = Outbox()
+        outbox.add(encode_header(1, 2), b"x", [os.dup(r), os.dup(r)])
+        assert copies_of(w) == 4
+        del outbox
+        gc.collect()
+        assert copies_of(w) == 2  # only r and w
+
+
+async def test_close_fds_failure_after_delivery_does_not_raise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = channel_pair()
+    with pipe() as (r, w):
+        dup = os.dup(r)
+        async with a, b:
+            # The same number twice: closed once, and send does not raise
+            # (raising would invite the caller to hand the fds off again).
+            await a.send(b"handoff", [dup, dup], close_fds=True)
+            with pytest.raises(OSError):  # noqa: PT011
+                os.fstat(dup)
+            with await b.receive() as msg:
+                assert len(msg.fds) == 2
+
+            class Broken:
+                def fileno(self) -> int:
+                    return w
+
+                def close(self) -> None:
+                    raise OSError("cannot close")
+
+            caplog.set_level(logging.WARNING, logger="aiofdpass")
+            await a.send(b"again", [Broken()], close_fds=True)
+            (await b.receive()).close()
+            assert "the record was sent all the same" in caplog.text
+
+
+def test_a_channel_outlives_its_first_event_loop(anyio_backend_name: str) -> None:
+    a, b = channel_pair()
+
+    async def exchange() -> None:
+        for i in range(5):
+            await a.send(b"r%d" % i)
+        for i in range(5):
+            assert (await b.receive()).data == b"r%d" % i
+
+    anyio.run(exchange, backend=anyio_backend_name)
+    anyio.run(exchange, backend=anyio_backend_name)
+
+    async def close() -> None:
+        await a.aclose()
+        await b.aclose()
+
+    anyio.run(close, backend=anyio_backend_name)
