@@ -86,6 +86,8 @@ class RecordDecoder:
         self._header: tuple[int, int] | None = None
         self._failed: ProtocolError | None = None
         self._small_reads = 0
+        self._max_payload = limits.max_payload
+        self._max_fds = limits.max_fds
 
     # -- input ------------------------------------------------------------
 
@@ -151,8 +153,8 @@ class RecordDecoder:
             if (
                 lead != _LEAD
                 or reserved
-                or payload_length > self._limits.max_payload
-                or nfds > self._limits.max_fds
+                or payload_length > self._max_payload
+                or nfds > self._max_fds
             ):
                 self._parse_header()  # raises with the precise reason
         else:
@@ -169,8 +171,12 @@ class RecordDecoder:
                 f"{len(queue)} arrived with it: the peer attached fewer "
                 "descriptors than its header says"
             )
-        with memoryview(self._buf) as view:
-            data = bytes(view[body : body + payload_length])
+        if payload_length <= 4096:
+            # Small: a slice copy is cheaper than making a memoryview.
+            data = bytes(self._buf[body : body + payload_length])
+        else:
+            with memoryview(self._buf) as view:
+                data = bytes(view[body : body + payload_length])
         if nfds == 1:
             fds: tuple[Fd, ...] = (queue.popleft(),)
         elif nfds:

@@ -73,7 +73,8 @@ def fileno_of(obj: object) -> int:
 
 def filenos_of(objs: Iterable[object]) -> list[int]:
     """Return the descriptor numbers of ``objs``, checking every one first."""
-    return [fileno_of(obj) for obj in objs]
+    # Plain numbers (the common case, and many per record) skip the checks.
+    return [obj if type(obj) is int and obj >= 0 else fileno_of(obj) for obj in objs]
 
 
 async def close_sent(objs: Iterable[Any]) -> None:

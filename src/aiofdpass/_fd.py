@@ -29,6 +29,7 @@ class Fd:
     __slots__ = ("__weakref__", "_fd")
 
     def __init__(self, fd: int) -> None:
+        self._fd = -1  # so __del__ finds it even if validation fails
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError(f"Fd() takes a descriptor number, not {type(fd).__name__}")
         if fd < 0:
@@ -133,8 +134,8 @@ class Fd:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            fd = self._fd
+        fd = self._fd
+        if fd >= 0:
             self._fd = -1
             try:
                 os.close(fd)
