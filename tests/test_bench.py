@@ -1,0 +1,44 @@
+"""The benchmark harness runs (quick mode); no timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--quick",
+            "--workloads",
+            "w2,w4",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| W2 ping-pong" in result.stdout
+    data = json.loads(out.read_text())
+    for workload in ("w2", "w4"):
+        impls = data["summary"][workload]
+        assert set(impls) == {
+            "stdlib",
+            "anyio-asyncio",
+            "anyio-trio",
+            "aiofdpass-asyncio",
+            "aiofdpass-uvloop",
+            "aiofdpass-trio",
+        }
+        assert all(s["median"] > 0 for s in impls.values())
+        assert impls["stdlib"]["ratio"] == 1.0
