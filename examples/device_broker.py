@@ -26,7 +26,6 @@ Every mode takes ``--backend asyncio|uvloop|trio``.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import json
@@ -37,21 +36,16 @@ import sys
 import tempfile
 import termios
 import tty
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 from anyio.abc import SocketAttribute, TaskStatus
 
 import aiofdpass
 
+from _common import argument_parser, run, say
+
 GRANTED, FAILED, REFUSED = 0, 1, 2  # the client's exit status
-
-
-def say(who: str, text: str) -> None:
-    """Print a line tagged with the process it comes from."""
-    print(f"[{who} pid {os.getpid()}] {text}", flush=True)
 
 
 async def read_line(fd: int) -> bytes:
@@ -276,19 +270,9 @@ async def serve_forever(path: str) -> None:
     await Broker(default_devices()).serve(path, task_status=anyio.TASK_STATUS_IGNORED)
 
 
-def run(func: Callable[..., Awaitable[Any]], *args: object, backend: str) -> Any:
-    """Run ``func(*args)`` on ``backend`` (uvloop is asyncio with uvloop's loop)."""
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    name = "trio" if backend == "trio" else "asyncio"
-    return anyio.run(func, *args, backend=name, backend_options=options)
-
-
 def main() -> None:
     """Parse the command line and run the chosen mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio"
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument(
         "--self-test",
         action="store_true",

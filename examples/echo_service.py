@@ -17,15 +17,12 @@ Every mode takes ``--backend asyncio|uvloop|trio``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 from anyio import TASK_STATUS_IGNORED
@@ -33,10 +30,7 @@ from anyio.abc import TaskStatus
 
 import aiofdpass
 
-
-def say(who: str, text: str) -> None:
-    """Print a line tagged with the process it comes from."""
-    print(f"[{who} pid {os.getpid()}] {text}", flush=True)
+from _common import argument_parser, run, say
 
 
 def describe(fd: int) -> str:
@@ -173,23 +167,9 @@ async def end_to_end(backend: str) -> bool:
     return ok
 
 
-def run(func: Callable[..., Awaitable[Any]], *args: object, backend: str) -> Any:
-    """Run ``func(*args)`` on ``backend`` (uvloop is asyncio with uvloop's loop)."""
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    return anyio.run(
-        func,
-        *args,
-        backend="trio" if backend == "trio" else "asyncio",
-        backend_options=options,
-    )
-
-
 def main() -> None:
     """Parse the command line and run the chosen mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio"
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument(
         "--self-test",
         action="store_true",

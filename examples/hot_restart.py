@@ -23,7 +23,6 @@ SIGTERM or Ctrl-C, after finishing its connections.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -31,8 +30,6 @@ import socket
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskGroup
@@ -40,17 +37,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
 
+from _common import argument_parser, run, say
+
 STREAM_ERRORS = (
     OSError,
     anyio.EndOfStream,
     anyio.IncompleteRead,
     anyio.BrokenResourceError,
 )
-
-
-def say(who: str, text: str) -> None:
-    """Print a line tagged with the process it comes from."""
-    print(f"[{who} pid {os.getpid()}] {text}", flush=True)
 
 
 # -- serving: accept, and answer each line with "<generation> <pid> <line>" -----
@@ -293,19 +287,9 @@ async def end_to_end(backend: str) -> bool:
     return ok
 
 
-def run(func: Callable[..., Awaitable[Any]], *args: object, backend: str) -> Any:
-    """Run ``func(*args)`` on ``backend`` (uvloop is asyncio with uvloop's loop)."""
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    name = "trio" if backend == "trio" else "asyncio"
-    return anyio.run(func, *args, backend=name, backend_options=options)
-
-
 def main() -> None:
     """Parse the command line and run the chosen mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio"
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument(
         "--self-test",
         action="store_true",

@@ -32,7 +32,6 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,8 @@ from anyio.abc import Process, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
+
+from _common import argument_parser, run
 
 PROTOCOL = "line/1"
 STREAM_ERRORS = (
@@ -456,19 +457,9 @@ async def self_test(args: argparse.Namespace) -> bool:
     return not failures
 
 
-def run(func: Callable[..., Awaitable[Any]], *args: object, backend: str) -> Any:
-    """Run ``func(*args)`` on ``backend`` (uvloop is asyncio with uvloop's loop)."""
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    name = "trio" if backend == "trio" else "asyncio"
-    return anyio.run(func, *args, backend=name, backend_options=options)
-
-
 def main() -> None:
     """Parse the command line and run the chosen mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio"
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpu-ms", type=float, default=0.0)
     parser.add_argument("--load", action="store_true", help="measure connections/s")

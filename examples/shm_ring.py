@@ -35,12 +35,14 @@ import random
 import sys
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 
 import aiofdpass
+
+from _common import argument_parser, run
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -211,19 +213,9 @@ async def compare(args: argparse.Namespace) -> bool:
     return ok
 
 
-def run(func: Callable[..., Awaitable[Any]], *args: object, backend: str) -> Any:
-    """Run ``func(*args)`` on ``backend`` (uvloop is asyncio with uvloop's loop)."""
-    options = {"use_uvloop": True} if backend == "uvloop" else {}
-    name = "trio" if backend == "trio" else "asyncio"
-    return anyio.run(func, *args, backend=name, backend_options=options)
-
-
 def main() -> None:
     """Parse the command line and run the chosen mode."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio"
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument(
         "--megabytes", type=int, default=256, help="MiB to move each way"
     )
