@@ -587,4 +587,9 @@ async def test_a_break_closes_buffered_fds_at_once() -> None:
             with pytest.raises(anyio.BrokenResourceError):  # noqa: PT012
                 for _ in range(20):
                     await b.send(b"x" * 100_000)
-            assert open_copies(w) == 1  # only r: the break closed the copy
+            # Only sending broke: what the peer sent is still read, and the
+            # half record's fd is closed when its end of stream shows.
+            assert open_copies(w) == 2
+            with pytest.raises(ProtocolError, match="middle of a record"):
+                await b.receive()
+            assert open_copies(w) == 1  # only r

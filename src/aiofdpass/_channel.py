@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 from collections.abc import Iterable
 from time import perf_counter_ns
@@ -43,9 +44,9 @@ _DIRECT_FDS = 16
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 # ... and once it holds this many of our duplicate descriptors: each one is
-# an open file in this process until it is sent.
+# an open file in this process until it is sent. At most 1024, and never
+# more than an eighth of RLIMIT_NOFILE (read when the channel is made).
 _FD_HIGH_WATER = 1024
-_FD_LOW_WATER = 256
 # A send less than this long after the previous one is part of a burst and
 # is coalesced with it; an isolated send is written at once.
 _BURST_NS = 10_000
@@ -79,9 +80,16 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._flusher_running = False
         self._send_calls = 0
         self._last_write = 0
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        self._fd_high_water = max(16, min(_FD_HIGH_WATER, soft // 8))
+        self._fd_low_water = self._fd_high_water // 4
         self._receive_calls = 0
-        # A broken channel closes the descriptors it holds at once.
+        # A broken channel closes the descriptors it holds at once; a broken
+        # sending side drops (and closes) only what was queued to send.
         self._transport.on_break = self._release_buffers
+        self._transport.on_write_break = self._outbox.discard
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, limits: Limits | None = None) -> Self:
@@ -150,13 +158,17 @@ class FdChannel(Connection, ObjectStream[Message]):
         written on the event loop's next iteration, by the next
         :meth:`receive` before it waits, when the queue is full, or by
         :meth:`send_eof` / :meth:`aclose` (which wait for the queue to be
-        written). A record that meets a full socket is queued too. A write
-        error after ``send`` returned breaks the channel: the next call
-        raises :class:`anyio.BrokenResourceError` with the error as its
-        cause. Large records (over 64 KiB, or over 16
-        descriptors) are written directly from ``data``, without a copy.
-        When the queue holds 256 KiB or more, ``send`` waits for it to drain
-        (backpressure): memory never grows without bound.
+        written). A record that meets a full socket, or the kernel's limit on
+        descriptors in flight (``ETOOMANYREFS``), is queued too. A write
+        error (the peer went away or stopped reading) breaks the sending
+        side only: queued records are dropped with their descriptors, the
+        next ``send`` raises :class:`anyio.BrokenResourceError` with the
+        error as its cause, and :meth:`receive` still returns what the peer
+        sent before. Large records (over 64 KiB, or over 16 descriptors) are
+        written directly from ``data``, without a copy. When the queue holds
+        256 KiB, or 1024 descriptors (at most an eighth of
+        ``RLIMIT_NOFILE``), ``send`` waits for it to drain (backpressure):
+        memory and descriptors never grow without bound.
 
         Cancellation: a cancelled ``send`` never delivers its record. Small
         records are queued only after every wait, so a cancelled one was
@@ -171,7 +183,9 @@ class FdChannel(Connection, ObjectStream[Message]):
             ``fds`` is not a descriptor.
         :raises ValueError: for a negative descriptor number, or for ``fds``
             given together with a ``Message``.
-        :raises OSError: ``EBADF`` if a descriptor is closed; nothing sent.
+        :raises OSError: ``EBADF`` if a descriptor is closed, ``EMFILE`` if
+            this process is out of descriptors even after the queue drained;
+            nothing sent.
         :raises LimitError: if the record is over this channel's limits;
             nothing sent.
         :raises anyio.ClosedResourceError: after :meth:`aclose` or
@@ -230,7 +244,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                 self._flush_now()
         else:
             outbox = self._outbox
-            if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= _FD_HIGH_WATER:
+            if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
                 try:
                     async with self._send_lock:
                         await self._drain(full=False)
@@ -246,7 +260,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                 # A burst: queue the record, with our own duplicates (the
                 # caller may close its copies on return), to go out with the
                 # others in one sendmsg on the next loop iteration.
-                self._outbox.add(header, payload, _duplicate(numbers))
+                self._outbox.add(header, payload, await self._duplicate(numbers))
                 self._schedule_flush()
             else:
                 # An isolated record goes out at once, with no copy.
@@ -324,10 +338,15 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises anyio.BrokenResourceError: if the connection failed.
         """
         await checkpoint()
-        async with self._send_lock:
-            self._transport.check_writable()
-            await self._drain(full=True)
-            self._transport.shutdown_write()
+        try:
+            async with self._send_lock:
+                self._transport.check_writable()
+                await self._drain(full=True)
+                self._transport.shutdown_write()
+        finally:
+            # If we failed or were cancelled, records others queued behind
+            # the lock must still go out.
+            self._flush_now()
 
     async def aclose(self) -> None:
         """Write every queued record, then close the channel and its descriptors.
@@ -350,11 +369,32 @@ class FdChannel(Connection, ObjectStream[Message]):
 
     # -- the write queue ----------------------------------------------------
 
+    async def _duplicate(self, numbers: list[int]) -> list[int]:
+        """Duplicate ``numbers``; out of descriptors, wait for the queue first."""
+        try:
+            return _duplicate(numbers)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._outbox:
+                raise
+        # Our queued copies may be what fills the table: let them go out.
+        try:
+            async with self._send_lock:
+                await self._drain(full=True)
+        finally:
+            self._flush_now()
+        return _duplicate(numbers)
+
     def _write_through(
         self, header: bytes, payload: bytes | memoryview, numbers: list[int]
     ) -> None:
         """Try to write a small record now; queue whatever the socket refuses."""
-        sent = self._transport.try_send(header + payload, numbers)
+        try:
+            sent = self._transport.try_send(header + payload, numbers)
+        except LimitError:
+            # ETOOMANYREFS: too many of this user's descriptors in flight.
+            # For a small record that is backpressure, as in a burst: queue
+            # it; the flusher retries as the peer receives.
+            sent = -1
         if sent < 0:  # nothing written: queue all of it
             self._outbox.add(header, payload, _duplicate(numbers))
         elif sent < len(header) + len(payload):
@@ -419,9 +459,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         while (
             outbox
             if full
-            else (outbox.nbytes > _LOW_WATER or outbox.nfds > _FD_LOW_WATER)
+            else (outbox.nbytes > _LOW_WATER or outbox.nfds > self._fd_low_water)
         ):
-            transport.check_open()
+            transport.check_sending()
             try:
                 if outbox.write_some(transport.sock):
                     return
@@ -431,7 +471,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                     pause = min(pause * 2, 0.1)
                     continue
                 transport.fail_write(exc)
-                transport.check_open()
+                transport.check_sending()
             pause = 0.001
             await transport.wait_writable()
 

@@ -150,6 +150,11 @@ class Transport:
         #: Called once when the transport breaks, to release what the layer
         #: above holds (buffered records and their descriptors).
         self.on_break: Callable[[], None] | None = None
+        # A failed write breaks only the sending side: what the peer already
+        # sent stays readable. The layer above drops its queued records.
+        self._write_broken: BaseException | None = None
+        self._write_broken_reason = ""
+        self.on_write_break: Callable[[], None] | None = None
 
     # -- state ------------------------------------------------------------
 
@@ -165,22 +170,44 @@ class Transport:
 
     def check_writable(self) -> None:
         """Raise if sending is no longer possible."""
-        self.check_open()
+        self.check_sending()
         if self.write_shut:
             raise ClosedResourceError(
                 "the sending side was shut down with send_eof(); nothing more "
                 "can be sent on this channel"
             )
 
+    def check_sending(self) -> None:
+        """Raise if the transport is closed, broken, or its sending side broke."""
+        self.check_open()
+        if self._write_broken is not None:
+            raise BrokenResourceError(
+                f"sending on this channel failed ({self._write_broken_reason}); "
+                "records already received can still be read, then close it"
+            ) from self._write_broken
+
     @property
     def broken(self) -> bool:
-        """``True`` once the connection broke."""
-        return self._broken is not None
+        """``True`` once the connection (or its sending side) broke."""
+        return self._broken is not None or self._write_broken is not None
 
     def fail_write(self, exc: OSError) -> None:
-        """Break the connection after a write error outside any caller."""
-        if not self.closed:
-            self.mark_broken(exc, f"a write failed: {exc.strerror or exc}")
+        """Break the sending side after a write error outside any caller."""
+        self.break_writes(exc, f"a write failed: {exc.strerror or exc}")
+
+    def break_writes(self, exc: BaseException, reason: str) -> None:
+        """Break the sending side only: the peer reads end of stream.
+
+        Receiving goes on, so records the peer sent before it went away are
+        not lost; later sends raise :class:`anyio.BrokenResourceError`.
+        """
+        if self._write_broken is None and self._broken is None and not self.closed:
+            self._write_broken = exc
+            self._write_broken_reason = reason
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            if self.on_write_break is not None:
+                self.on_write_break()
 
     async def wait_writable(self) -> None:
         """Wait until the socket can take more bytes."""
@@ -336,7 +363,7 @@ class Transport:
                     return
         except BaseException as exc:
             if sent_any and buffers:
-                self.mark_broken(
+                self.break_writes(
                     exc, "a send was interrupted after part of a record was written"
                 )
             raise
@@ -408,9 +435,14 @@ class Transport:
             raise ClosedResourceError(
                 f"this channel was closed with aclose() during {what}"
             ) from None
-        broken = BrokenResourceError(
-            f"{what} failed: {exc.strerror or exc}; the connection is gone, "
-            "close this channel"
-        )
-        self.mark_broken(exc, f"{what} failed: {exc.strerror or exc}")
-        raise broken from exc
+        reason = f"{what} failed: {exc.strerror or exc}"
+        if what == "send":
+            self.break_writes(exc, reason)
+            raise BrokenResourceError(
+                f"{reason}; the peer is gone or stopped reading. Records it "
+                "sent before can still be received; then close this channel"
+            ) from exc
+        self.mark_broken(exc, reason)
+        raise BrokenResourceError(
+            f"{reason}; the connection is gone, close this channel"
+        ) from exc
