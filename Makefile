@@ -55,7 +55,8 @@ package: $(STAMP)
 
 # Benchmarks against the blocking stdlib loop and anyio (issue 3). QUICK=1 is
 # a smoke run of well under a minute; the full run takes several minutes.
-BENCH_ARGS ?= --json bench/results.json --plot bench/results.png
+# A quick run does not overwrite the published results.
+BENCH_ARGS ?= $(if $(QUICK),,--json bench/results.json --plot bench/results.png)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
