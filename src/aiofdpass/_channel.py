@@ -21,7 +21,7 @@ from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint
 
 from ._backend import current_hooks
-from ._codec import RecordDecoder, encode_header
+from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
@@ -224,8 +224,9 @@ class FdChannel(Connection, ObjectStream[Message]):
                 "per sendmsg); split them across records. Nothing was sent"
             )
         transport = self._transport
-        transport.check_writable()
-        header = encode_header(len(payload), len(numbers))
+        if not transport.can_send:
+            transport.check_writable()  # raises the precise error
+        header = pack_header(MAGIC, VERSION, 0, len(numbers), 0, len(payload))
         self._send_calls += 1
         if self._send_calls & _YIELD_EVERY_MASK == 0:
             await checkpoint()
@@ -250,7 +251,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                         await self._drain(full=False)
                 finally:
                     self._flush_now()
-            transport.check_writable()
+            if not transport.can_send:
+                transport.check_writable()
             now = perf_counter_ns()
             if (
                 self._outbox
@@ -260,8 +262,13 @@ class FdChannel(Connection, ObjectStream[Message]):
                 # A burst: queue the record, with our own duplicates (the
                 # caller may close its copies on return), to go out with the
                 # others in one sendmsg on the next loop iteration.
-                self._outbox.add(header, payload, await self._duplicate(numbers))
-                self._schedule_flush()
+                try:
+                    owned = _duplicate(numbers) if numbers else numbers
+                except OSError:
+                    owned = await self._duplicate(numbers)  # waits or raises
+                self._outbox.add(header, payload, owned)
+                if not self._flush_scheduled:
+                    self._schedule_flush()
             else:
                 # An isolated record goes out at once, with no copy.
                 self._write_through(header, payload, numbers)

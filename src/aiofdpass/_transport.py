@@ -140,6 +140,9 @@ class Transport:
         check_unix_stream(sock)
         sock.setblocking(False)
         self.sock = sock
+        #: ``True`` while sending is possible: not closed, not broken, not
+        #: shut down with send_eof (a cheap test for the hot path).
+        self.can_send = True
         self.closed = False
         self.write_shut = False
         self._broken: BaseException | None = None
@@ -202,6 +205,7 @@ class Transport:
         not lost; later sends raise :class:`anyio.BrokenResourceError`.
         """
         if self._write_broken is None and self._broken is None and not self.closed:
+            self.can_send = False
             self._write_broken = exc
             self._write_broken_reason = reason
             with contextlib.suppress(OSError):
@@ -216,6 +220,7 @@ class Transport:
     def mark_broken(self, exc: BaseException, reason: str) -> None:
         """Break the connection: the peer sees end of stream, we see errors."""
         if self._broken is None and not self.closed:
+            self.can_send = False
             self._broken = exc
             self._broken_reason = reason
             with contextlib.suppress(OSError):
@@ -226,6 +231,7 @@ class Transport:
     def close(self) -> None:
         """Close the socket, waking every task waiting on it."""
         if not self.closed:
+            self.can_send = False
             self.closed = True
             if self._waiters:
                 # Our own asyncio waits: unregister the descriptor before it
@@ -244,6 +250,7 @@ class Transport:
     def shutdown_write(self) -> None:
         """Shut down the sending direction (the peer reads end of stream)."""
         self.check_writable()
+        self.can_send = False
         self.write_shut = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
