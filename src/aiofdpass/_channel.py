@@ -265,7 +265,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                 try:
                     owned = _duplicate(numbers) if numbers else numbers
                 except OSError:
-                    owned = await self._duplicate(numbers)  # waits or raises
+                    owned = await self._duplicate_or_wait(numbers)  # waits or raises
                 self._outbox.add(header, payload, owned)
                 if not self._flush_scheduled:
                     self._schedule_flush()
@@ -376,7 +376,7 @@ class FdChannel(Connection, ObjectStream[Message]):
 
     # -- the write queue ----------------------------------------------------
 
-    async def _duplicate(self, numbers: list[int]) -> list[int]:
+    async def _duplicate_or_wait(self, numbers: list[int]) -> list[int]:
         """Duplicate ``numbers``; out of descriptors, wait for the queue first."""
         try:
             return _duplicate(numbers)

@@ -30,7 +30,6 @@ class Connection(TypedAttributeProvider):
     def __init__(self, sock: socket.socket) -> None:
         self._transport = Transport(sock)
         self._send_lock = anyio.Lock(fast_acquire=True)
-        self._receive_guard = anyio.ResourceGuard("receiving from")
         self._peer_credentials: PeerCredentials | None = None
 
     @property

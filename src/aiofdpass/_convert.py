@@ -15,7 +15,7 @@ from anyio.abc import AsyncResource, SocketAttribute
 
 from ._fd import Fd
 
-__all__ = ["FileDescriptorLike", "close_sent", "filenos_of"]
+__all__ = ["close_sent", "fileno_of", "filenos_of"]
 
 logger = logging.getLogger("aiofdpass")
 
@@ -23,12 +23,6 @@ logger = logging.getLogger("aiofdpass")
 @runtime_checkable
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
-
-
-#: What ``send`` accepts as a descriptor: a number, an object with
-#: ``fileno()`` (files, sockets, :class:`Fd`, trio sockets) or an anyio socket
-#: stream (its raw socket is used).
-FileDescriptorLike = int | _HasFileno | TypedAttributeProvider
 
 
 def _closed(what: str) -> OSError:

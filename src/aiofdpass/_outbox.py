@@ -14,12 +14,12 @@ holds its own reference from then on.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from collections import deque
 
 from ._message import SCM_MAX_FD
+from ._transport import scm_rights
 
 __all__ = ["Outbox"]
 
@@ -95,11 +95,7 @@ class Outbox:
         segments = self._segments
         while segments:
             seg = segments[0]
-            ancdata = []
-            if seg.fds and not seg.fds_sent:
-                ancdata = [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", seg.fds))
-                ]
+            ancdata = scm_rights(seg.fds) if not seg.fds_sent else []
             try:
                 with memoryview(seg.buf) as view:
                     sent = sock.sendmsg([view[seg.pos :]], ancdata, _SEND_FLAGS)

@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import anyio
 from anyio import EndOfStream
 from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
@@ -31,6 +32,11 @@ class FdStream(Connection, AsyncResource):
     protocol on top must say which bytes they belong to. Received
     descriptors are returned as :class:`Fd` objects, never dropped.
     """
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Adopt ``sock``; prefer :meth:`from_socket`, which documents this."""
+        super().__init__(sock)
+        self._receive_guard = anyio.ResourceGuard("receiving from")
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:

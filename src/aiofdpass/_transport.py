@@ -26,7 +26,7 @@ from ._errors import DescriptorsLostError, LimitError
 from ._fd import Fd
 from ._message import SCM_MAX_FD
 
-__all__ = ["ANCILLARY_BUFSIZE", "Transport", "parse_ancillary"]
+__all__ = ["ANCILLARY_BUFSIZE", "Transport", "parse_ancillary", "scm_rights"]
 
 _INT_SIZE = array.array("i").itemsize
 
@@ -53,6 +53,13 @@ _CLOEXEC_FLAG = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # A plain int: testing an IntFlag member costs a Python-level __and__.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
+
+def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, array.array[int]]]:
+    """Return the ancillary data that passes ``fds`` (none for no descriptors)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[Fd]:
@@ -309,11 +316,7 @@ class Transport:
         :raises LimitError: ``ETOOMANYREFS`` (nothing sent).
         :raises anyio.BrokenResourceError: if the connection failed.
         """
-        ancdata = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            if fds
-            else []
-        )
+        ancdata = scm_rights(fds)
         try:
             return self.sock.sendmsg([data], ancdata, _SEND_FLAGS)
         except BlockingIOError:
@@ -335,11 +338,7 @@ class Transport:
         :raises OSError: ``EBADF`` if a descriptor is not open (nothing sent).
         :raises LimitError: ``ETOOMANYREFS``: too many descriptors in flight.
         """
-        ancdata = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            if fds
-            else []
-        )
+        ancdata = scm_rights(fds)
         sock = self.sock
         sent_any = False
         try:
