@@ -115,12 +115,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
             the caller still owns ``fd``.
         """
-        sock = adopt_fd(fd)
-        try:
-            return cls(sock, limits=limits)
-        except BaseException:
-            sock.detach()  # the caller still owns the number
-            raise
+        return adopt_fd(fd, lambda sock: cls(sock, limits=limits))
 
     def _release_buffers(self) -> None:
         self._outbox.discard()
@@ -264,8 +259,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                 # others in one sendmsg on the next loop iteration.
                 try:
                     owned = _duplicate(numbers) if numbers else numbers
-                except OSError:
-                    owned = await self._duplicate_or_wait(numbers)  # waits or raises
+                except OSError as exc:
+                    owned = await self._duplicate_or_wait(numbers, exc)
                 self._outbox.add(header, payload, owned)
                 if not self._flush_scheduled:
                     self._schedule_flush()
@@ -376,14 +371,14 @@ class FdChannel(Connection, ObjectStream[Message]):
 
     # -- the write queue ----------------------------------------------------
 
-    async def _duplicate_or_wait(self, numbers: list[int]) -> list[int]:
-        """Duplicate ``numbers``; out of descriptors, wait for the queue first."""
-        try:
-            return _duplicate(numbers)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._outbox:
-                raise
-        # Our queued copies may be what fills the table: let them go out.
+    async def _duplicate_or_wait(self, numbers: list[int], error: OSError) -> list[int]:
+        """After ``_duplicate`` failed with ``error``: wait for the queue, retry.
+
+        Only running out of descriptors is worth waiting for, and only while
+        our own queued copies may be what fills the table.
+        """
+        if error.errno not in (errno.EMFILE, errno.ENFILE) or not self._outbox:
+            raise error
         try:
             async with self._send_lock:
                 await self._drain(full=True)

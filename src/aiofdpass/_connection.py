@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio import ClosedResourceError, TypedAttributeProvider
@@ -16,12 +16,22 @@ from ._transport import Transport
 
 __all__ = ["Connection", "adopt_fd"]
 
+T = TypeVar("T")
 
-def adopt_fd(fd: int) -> socket.socket:
-    """Wrap descriptor number ``fd`` in a socket that owns it."""
+
+def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
+    """Return ``make(sock)`` for a socket wrapping descriptor number ``fd``.
+
+    If ``make`` refuses the socket, the caller still owns ``fd``.
+    """
     if isinstance(fd, bool) or not isinstance(fd, int):
         raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
-    return socket.socket(fileno=fd)
+    sock = socket.socket(fileno=fd)
+    try:
+        return make(sock)
+    except BaseException:
+        sock.detach()  # the caller still owns the number
+        raise
 
 
 class Connection(TypedAttributeProvider):

@@ -56,12 +56,7 @@ class FdStream(Connection, AsyncResource):
         :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
             the caller still owns ``fd``.
         """
-        sock = adopt_fd(fd)
-        try:
-            return cls(sock)
-        except BaseException:
-            sock.detach()
-            raise
+        return adopt_fd(fd, cls)
 
     async def send(
         self, data: Buffer, fds: Iterable[object] = (), *, close_fds: bool = False
