@@ -98,7 +98,9 @@ async def too_many_refs_queued(chan: FdChannel) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
     await chan.send(b"big", [r] * 253)  # direct: 253 in flight, under 300
-    for i in range(3):  # isolated sends; the third meets ETOOMANYREFS
+    # Isolated sends of 16: the kernel checks the count in flight before
+    # adding, so the fourth (301 > 300 in flight) meets ETOOMANYREFS.
+    for i in range(4):
         await anyio.sleep(0.01)
         await chan.send(b"iso%d" % i, [r] * 16)  # and is queued, not refused
     while not chan._outbox:  # until a send lands in a burst (queued)
