@@ -35,13 +35,12 @@ On any violation the decoder closes every descriptor it holds, raises
 from __future__ import annotations
 
 import struct
-from collections import deque
 from collections.abc import Iterable
 from typing import NoReturn
 
 from ._errors import ProtocolError
-from ._fd import Fd
-from ._message import SCM_MAX_FD, Limits, Message
+from ._fd import close_numbers
+from ._message import SCM_MAX_FD, Limits, Message, received_message
 
 __all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "RecordDecoder", "encode_header"]
 
@@ -76,8 +75,8 @@ class RecordDecoder:
     Use :meth:`get_buffer` and :meth:`commit` to read straight into the
     decoder's buffer (or :meth:`feed` to copy bytes in), then call
     :meth:`next_message` until it returns ``None``; call :meth:`end_of_stream`
-    when the peer closed. The decoder owns every descriptor given to it until
-    a message carrying it is returned.
+    when the peer closed. Descriptors are plain numbers; the decoder owns
+    every one given to it until a message carrying it is returned.
     """
 
     def __init__(self, limits: Limits) -> None:
@@ -85,7 +84,9 @@ class RecordDecoder:
         self._buf = bytearray(READ_SIZE)
         self._start = 0  # first byte not yet decoded
         self._end = 0  # one past the last byte received
-        self._fds: deque[Fd] = deque()
+        # Unclaimed descriptor numbers, in arrival order (a list: records
+        # take them in slices).
+        self._fds: list[int] = []
         # (payload_length, nfds) of the record at _start, once its header is
         # in and valid.
         self._header: tuple[int, int] | None = None
@@ -111,7 +112,7 @@ class RecordDecoder:
         self._reserve(wanted)
         return memoryview(self._buf)[self._end :]
 
-    def commit(self, nbytes: int, fds: Iterable[Fd] = ()) -> None:
+    def commit(self, nbytes: int, fds: Iterable[int] = ()) -> None:
         """Record that ``nbytes`` were read into :meth:`get_buffer`'s space.
 
         ``fds`` are the descriptors that arrived with those bytes; the
@@ -127,7 +128,7 @@ class RecordDecoder:
         self._end += nbytes
 
     def feed(
-        self, data: bytes | bytearray | memoryview, fds: Iterable[Fd] = ()
+        self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()
     ) -> None:
         """Copy ``data`` in, with the descriptors that arrived with it."""
         fds = list(fds)
@@ -182,15 +183,18 @@ class RecordDecoder:
         else:
             with memoryview(self._buf) as view:
                 data = bytes(view[body : body + payload_length])
-        if nfds == 1:
-            fds: tuple[Fd, ...] = (queue.popleft(),)
-        elif nfds:
-            fds = tuple([queue.popleft() for _ in range(nfds)])
+        if not nfds:
+            numbers = None
+        elif len(queue) == nfds:
+            # All of them (one record per sendmsg): hand the list over.
+            numbers = queue
+            self._fds = []
         else:
-            fds = ()
+            numbers = queue[:nfds]
+            del queue[:nfds]
         self._start = body + payload_length
         self._header = None
-        return Message._unchecked(data, fds)
+        return received_message(data, numbers)
 
     def end_of_stream(self) -> None:
         """Check that the peer closed at a clean point.
@@ -225,11 +229,14 @@ class RecordDecoder:
         return len(self._fds)
 
     def close(self) -> None:
-        """Close every descriptor held and drop buffered bytes."""
-        while self._fds:
-            self._fds.popleft().close()
+        """Close every descriptor held and drop buffered bytes.
+
+        :raises OSError: if closing a descriptor failed (all are closed).
+        """
+        fds, self._fds = self._fds, []
         self._start = self._end = 0
         self._header = None
+        close_numbers(fds)
 
     # -- internals --------------------------------------------------------
 
@@ -305,8 +312,8 @@ class RecordDecoder:
             )
 
     def _fail(self, reason: str) -> NoReturn:
-        self.close()
         self._failed = ProtocolError(reason)
+        self.close()
         raise self._failed
 
     def _check_usable(self) -> None:

@@ -1,4 +1,4 @@
-"""`Fd`: an owned descriptor that closes exactly once."""
+"""`Fd`: an owned descriptor that closes exactly once; closing owned numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,41 @@ import warnings
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Fd"]
+__all__ = ["Fd", "close_numbers"]
+
+
+def close_numbers(numbers: list[int]) -> None:
+    """Close every descriptor in ``numbers``, which the caller owns.
+
+    Exactly these numbers are closed, each once: with one ``close_range``
+    when they are a contiguous run with no number twice (the kernel installs
+    a ``recvmsg``'s descriptors at the lowest free numbers, in order, so a
+    received record's usually are), otherwise one by one. Every one is
+    closed even if some fail; then the first failure is raised.
+
+    :raises OSError: if closing one failed (``EBADF`` when something else
+        closed the number behind the owner's back).
+    """
+    n = len(numbers)
+    if n > 2:
+        low = numbers[0]
+        run = numbers
+        if numbers[-1] - low != n - 1:
+            run = sorted(numbers)
+            low = run[0]
+        # Equal to the list low, low+1, ...: contiguous, each number once.
+        if low >= 0 and run[-1] - low == n - 1 and run == list(range(low, low + n)):
+            os.closerange(low, low + n)
+            return
+    error: OSError | None = None
+    for fd in numbers:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
 
 
 class Fd:

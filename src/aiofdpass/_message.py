@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from ._fd import Fd
+from ._fd import Fd, close_numbers
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["SCM_MAX_FD", "Limits", "Message"]
+__all__ = ["SCM_MAX_FD", "Limits", "Message", "received_message"]
 
 #: The most descriptors Linux accepts in one ``sendmsg`` (``SCM_MAX_FD``);
 #: one more gives ``EINVAL``.
@@ -58,9 +58,11 @@ class Limits:
 class Message:
     """One record: a payload of bytes and the descriptors that came with it.
 
-    A received message owns its descriptors as :class:`Fd` objects. Take the
-    ones you keep (``fd.take()``, ``fd.to_file()``, ``fd.to_socket()``) and
-    close the message, or use it as a context manager, to close the rest.
+    A received message owns its descriptors. Take the ones you keep from
+    :attr:`fds` (``fd.take()``, ``fd.to_file()``, ``fd.to_socket()``) and
+    close the message, or use it as a context manager, to close the rest. A
+    message garbage collected with descriptors it never handed out closes
+    them and emits :class:`ResourceWarning`.
 
     :param data: the payload; any bytes-like object (it is copied).
     :param fds: the descriptors; the message owns them.
@@ -68,12 +70,19 @@ class Message:
         numbers go to :meth:`FdChannel.send` instead).
     """
 
-    __slots__ = ("_data", "_fds")
+    # A received message keeps its descriptors as plain numbers (``_numbers``,
+    # owned by the message) until ``fds`` is first read: for a record with
+    # many descriptors, making an Fd object for each and finalising it again
+    # cost more than everything else the receiver does. ``_numbers`` is None
+    # once they are Fd objects in ``_fds`` (or were closed unwrapped).
+    __slots__ = ("_data", "_fds", "_numbers")
 
     _data: bytes
     _fds: tuple[Fd, ...]
+    _numbers: list[int] | None
 
     def __init__(self, data: Buffer = b"", fds: Iterable[Fd] = ()) -> None:
+        self._numbers = None  # first, so __del__ finds it if validation fails
         fds = tuple(fds)
         for fd in fds:
             if not isinstance(fd, Fd):
@@ -91,27 +100,57 @@ class Message:
 
     @property
     def fds(self) -> tuple[Fd, ...]:
-        """The descriptors, in the order they were sent."""
+        """The descriptors, in the order they were sent.
+
+        The message keeps owning them: what is not taken from here is closed
+        by :meth:`close`. After :meth:`close` they are all closed ``Fd``
+        objects.
+        """
+        numbers = self._numbers
+        if numbers is not None:
+            # Forget the numbers before wrapping them: should wrapping fail
+            # half-way, a descriptor is leaked rather than closed twice.
+            self._numbers = None
+            self._fds = tuple(map(Fd._adopt, numbers))
         return self._fds
+
+    @property
+    def nfds(self) -> int:
+        """How many descriptors came with the message: ``len(msg.fds)``.
+
+        Unlike :attr:`fds` it makes no :class:`Fd` objects, so a receiver
+        that only counts and closes (or forwards) descriptors pays for none.
+        """
+        numbers = self._numbers
+        return len(self._fds) if numbers is None else len(numbers)
 
     def close(self) -> None:
         """Close every descriptor not yet taken or closed.
 
-        :raises OSError: if closing one fails (see :meth:`Fd.close`).
+        Each is closed once, and all of them are, even if closing one fails;
+        a contiguous run of numbers is closed with one ``close_range``.
+
+        :raises OSError: the first failure to close one (see
+            :meth:`Fd.close`).
         """
+        numbers = self._numbers
+        if numbers is not None:
+            self._numbers = None
+            self._fds = (_CLOSED,) * len(numbers)
+            close_numbers(numbers)
+            return
         fds = self._fds
-        if len(fds) > 2:
-            numbers = sorted(fd._fd for fd in fds)
-            low = numbers[0]
-            if low >= 0 and numbers[-1] - low == len(numbers) - 1:
-                # One contiguous run (the kernel hands out the lowest free
-                # numbers, so received ones usually are): one syscall.
-                for fd in fds:
-                    fd._fd = -1
-                os.closerange(low, low + len(numbers))
-                return
+        if len(fds) == 1:
+            fds[0].close()
+            return
+        # Every Fd forgets its number first (one listed twice is closed once).
+        numbers = []
         for fd in fds:
-            fd.close()
+            number = fd._fd
+            if number >= 0:
+                fd._fd = -1
+                numbers.append(number)
+        close_numbers(numbers)
 
     def __enter__(self) -> Message:
         return self
@@ -124,22 +163,50 @@ class Message:
     ) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        numbers = self._numbers
+        if numbers:
+            self._numbers = None
+            try:
+                close_numbers(numbers)
+            finally:
+                warnings.warn(
+                    f"unclosed Message with {len(numbers)} descriptor(s) "
+                    f"{numbers}: close received messages, or use `with`",
+                    ResourceWarning,
+                    stacklevel=1,
+                    source=self,
+                )
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented
-        return self._data == other._data and self._fds == other._fds
+        return self._data == other._data and self.fds == other.fds
 
     def __hash__(self) -> int:
-        return hash((self._data, self._fds))
+        return hash((self._data, self.fds))
 
     def __repr__(self) -> str:
         data = self._data if len(self._data) <= 32 else self._data[:32] + b"..."
-        return f"Message(data={data!r} ({len(self._data)} bytes), fds={self._fds!r})"
+        return f"Message(data={data!r} ({len(self._data)} bytes), fds={self.fds!r})"
 
-    @classmethod
-    def _unchecked(cls, data: bytes, fds: tuple[Fd, ...]) -> Message:
-        # Fast constructor for the decoder, which already has bytes and Fds.
-        msg = cls.__new__(cls)
-        msg._data = data
-        msg._fds = fds
-        return msg
+
+#: What ``fds`` holds for a descriptor closed before it was wrapped: one
+#: closed ``Fd``, shared (a closed Fd has nothing left to tell apart).
+_CLOSED = Fd._adopt(-1)
+
+
+def received_message(data: bytes, numbers: list[int] | None) -> Message:
+    """Return a message that owns ``numbers`` (``None``: no descriptors).
+
+    For the decoder, which has checked the record: no validation, and the
+    numbers stay plain ints until someone reads ``fds``.
+    """
+    msg = _new(Message)
+    msg._data = data
+    msg._fds = ()
+    msg._numbers = numbers
+    return msg
+
+
+_new = Message.__new__

@@ -110,7 +110,8 @@ class FdStream(Connection, AsyncResource):
             self._transport.check_open()
             buf = bytearray(max_bytes)
             with memoryview(buf) as view:
-                nbytes, fds = await self._transport.recv_into(view)
+                nbytes, numbers = await self._transport.recv_into(view)
+                fds = list(map(Fd._adopt, numbers))
             if nbytes == 0:
                 raise EndOfStream
             del buf[nbytes:]

@@ -23,7 +23,7 @@ import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
 from ._errors import DescriptorsLostError, LimitError
-from ._fd import Fd
+from ._fd import close_numbers
 from ._message import SCM_MAX_FD
 
 __all__ = ["ANCILLARY_BUFSIZE", "Transport", "parse_ancillary", "scm_rights"]
@@ -62,56 +62,51 @@ def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, array.array[int]]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
-def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[Fd]:
-    """Take ownership of every descriptor in ``ancdata``; return the passed ones.
+def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """Return the numbers of the descriptors passed in ``ancdata``.
 
-    Every descriptor is wrapped before anything else happens, so nothing can
-    leak if a later step fails. Descriptors other than ``SCM_RIGHTS`` (a
-    pidfd from ``SO_PASSPIDFD``) are closed; credentials are ignored.
+    The caller owns them (plain ints: wrapping each in an :class:`Fd` is
+    left to whoever hands them to the user). Descriptors other than
+    ``SCM_RIGHTS`` (a pidfd from ``SO_PASSPIDFD``) are closed; credentials
+    are ignored. Nothing here can fail between the receive and the return.
     """
     if len(ancdata) == 1:
         level, kind, data = ancdata[0]
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-            adopt = Fd._adopt
-            passed = [adopt(fd) for fd in fds]
+            if len(data) % _INT_SIZE:
+                data = data[: len(data) - len(data) % _INT_SIZE]
+            passed = array.array("i", data).tolist()
             if not _CLOEXEC_FLAG:  # pragma: no cover - Linux has MSG_CMSG_CLOEXEC
                 _set_cloexec(passed)
             return passed
     passed = []
-    others: list[Fd] = []
+    others: list[int] = []
     for level, kind, data in ancdata:
         if level != socket.SOL_SOCKET:
             continue
         if kind == socket.SCM_RIGHTS or kind == _SCM_PIDFD:
-            fds = array.array("i")
             # A trailing partial int can appear when the buffer was cut.
-            fds.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-            (passed if kind == socket.SCM_RIGHTS else others).extend(
-                map(Fd._adopt, fds)
-            )
-    for fd in others:
-        fd.close()
+            fds = array.array("i", data[: len(data) - len(data) % _INT_SIZE])
+            (passed if kind == socket.SCM_RIGHTS else others).extend(fds)
+    try:
+        close_numbers(others)
+    except OSError:
+        close_numbers(passed)
+        raise
     if not _CLOEXEC_FLAG:  # pragma: no cover - Linux has MSG_CMSG_CLOEXEC
         _set_cloexec(passed)
     return passed
 
 
-def _set_cloexec(fds: list[Fd]) -> None:  # pragma: no cover - not on Linux
+def _set_cloexec(fds: list[int]) -> None:  # pragma: no cover - not on Linux
     for fd in fds:
-        flags = fcntl.fcntl(fd.fileno(), fcntl.F_GETFD)
-        fcntl.fcntl(fd.fileno(), fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _close_all(fds: list[Fd]) -> None:
-    for fd in fds:
-        fd.close()
 
 
 def check_unix_stream(sock: socket.socket) -> None:
@@ -266,8 +261,12 @@ class Transport:
 
     # -- I/O --------------------------------------------------------------
 
-    async def recv_into(self, buf: memoryview) -> tuple[int, list[Fd]]:
+    async def recv_into(self, buf: memoryview) -> tuple[int, list[int]]:
         """Read once into ``buf``: return the byte count and the descriptors.
+
+        The descriptors are plain numbers that the caller owns from the
+        return on: hand them to an owner (the decoder, or :class:`Fd`
+        objects) before anything else can fail.
 
         0 bytes means end of stream. Waits for readability only after
         ``EAGAIN``. The caller must have checkpointed already; once the
@@ -291,11 +290,11 @@ class Transport:
             fds = parse_ancillary(ancdata) if ancdata else []
             if self._broken is not None:
                 # Another task broke the connection while we waited.
-                _close_all(fds)
+                close_numbers(fds)
                 self.check_open()
             if flags & _MSG_CTRUNC:
                 got = len(fds)
-                _close_all(fds)
+                close_numbers(fds)
                 lost = DescriptorsLostError(
                     f"the kernel dropped descriptors sent to this process "
                     f"(MSG_CTRUNC; {got} arrived and were closed). Usually the "
