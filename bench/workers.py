@@ -46,6 +46,12 @@ def payload_for(workload: str, impl: str) -> bytes:
     return b"x" * size
 
 
+def open_fd_count() -> int:
+    """Descriptors open in this process: the receivers check, untimed, that
+    they closed every one they received."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def units(workload: str, n: int, got_bytes: int, got_fds: int) -> float:
     if workload == "w3":
         return got_bytes / 1e6  # MB
@@ -92,6 +98,7 @@ def stdlib(workload: str, role: str, fd: int, n: int) -> None:
     got = got_fds = 0
     start = 0.0
     bufsize = 65536  # one read size for all (a 1 MiB buffer costs more)
+    opened = open_fd_count()
     while got < total:
         data, fds, _, _ = socket.recv_fds(sock, bufsize, 253)
         if not start:
@@ -102,6 +109,7 @@ def stdlib(workload: str, role: str, fd: int, n: int) -> None:
             os.close(f)
     elapsed = time.perf_counter() - start
     assert got_fds == n * nfds, (got_fds, n * nfds)
+    assert open_fd_count() == opened
     sock.close()
     report(elapsed, units(workload, n, got, got_fds))
 
@@ -189,6 +197,7 @@ async def anyio_impl(workload: str, role: str, fd: int, n: int) -> None:
         got = got_fds = 0
         start = 0.0
         bufsize = 65536  # one read size for all (a 1 MiB buffer costs more)
+        opened = open_fd_count()
         while got < total:
             data, fds = await stream.receive_fds(bufsize, 253)
             if not start:
@@ -199,6 +208,7 @@ async def anyio_impl(workload: str, role: str, fd: int, n: int) -> None:
                 os.close(f)
         elapsed = time.perf_counter() - start
         assert got_fds == n * nfds, (got_fds, n * nfds)
+        assert open_fd_count() == opened
         report(elapsed, units(workload, n, got, got_fds))
 
 
@@ -276,16 +286,20 @@ async def aiofdpass_impl(workload: str, role: str, fd: int, n: int) -> None:
             return
         got = got_fds = count = 0
         start = 0.0
+        opened = open_fd_count()
         async for msg in chan:
             if not start:
                 start = time.perf_counter()
             count += 1
             got += len(msg.data)
-            got_fds += len(msg.fds)
+            # The count without making an Fd object per descriptor (the
+            # message still owns them all, and close() closes them).
+            got_fds += msg.nfds
             msg.close()
         elapsed = time.perf_counter() - start
         assert count == n, count
         assert got_fds == n * nfds, got_fds
+        assert open_fd_count() == opened
         report(elapsed, units(workload, n, got, got_fds))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 #: ``make fuzz`` sets this to run every property test this many times longer.
 FUZZ_FACTOR = int(os.environ.get("AIOFDPASS_FUZZ", "1"))
@@ -30,6 +30,17 @@ def pipe() -> Iterator[tuple[int, int]]:
     finally:
         os.close(r)
         os.close(w)
+
+
+def open_fds() -> set[int]:
+    """The descriptors open in this process now (from ``/proc/self/fd``)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        # The listing's own descriptor is gone by the time we look at it.
+        with suppress(OSError):
+            os.readlink(f"/proc/self/fd/{name}")
+            fds.add(int(name))
+    return fds
 
 
 def small_buffers(*socks: socket.socket) -> None:

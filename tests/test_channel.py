@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import os
 import resource
 import socket
@@ -28,7 +29,7 @@ from aiofdpass import (
 )
 from aiofdpass._codec import encode_header
 
-from .helpers import identity, pipe, small_buffers
+from .helpers import identity, open_fds, pipe, small_buffers
 
 pytestmark = pytest.mark.anyio
 
@@ -593,3 +594,51 @@ async def test_a_break_closes_buffered_fds_at_once() -> None:
             with pytest.raises(ProtocolError, match="middle of a record"):
                 await b.receive()
             assert open_copies(w) == 1  # only r
+
+
+async def test_many_fds_in_coalesced_records_are_owned_and_closed_exactly() -> None:
+    # Three records of 64 fds in one sendmsg (192 fds, as a coalescing
+    # sender writes them): each message owns exactly its 64, whether it is
+    # wrapped and partly taken, closed unwrapped, or wrapped late.
+    a, b = channel_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            baseline = open_fds()
+            wire = b"".join(encode_header(1, 64) + bytes([i]) for i in range(3))
+            socket.send_fds(raw(a), [wire], [r] * 192)
+            first, second, third = [await b.receive() for _ in range(3)]
+            assert [m.data for m in (first, second, third)] == [b"\0", b"\1", b"\2"]
+            assert [m.nfds for m in (first, second, third)] == [64] * 3
+            arrived = open_fds() - baseline
+            assert len(arrived) == 192
+            fds = first.fds
+            assert all(identity(fd.fileno()) == identity(r) for fd in fds)
+            numbers = {fd.fileno() for fd in fds}
+            kept = fds[10].take()
+            first.close()
+            assert all(fd.closed for fd in fds)
+            left = open_fds() - baseline
+            assert left == arrived - numbers | {kept}
+            assert len(left) == 128 + 1
+            second.close()  # never wrapped
+            left = open_fds() - baseline
+            assert len(left) == 64 + 1 and kept in left
+            # What is left is exactly the third message's (and the taken one).
+            with third:
+                assert {fd.fileno() for fd in third.fds} == left - {kept}
+            assert open_fds() - baseline == {kept}
+            os.close(kept)
+
+
+async def test_a_dropped_received_message_closes_its_fds_and_warns() -> None:
+    a, b = channel_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            baseline = open_fds()
+            await a.send(b"x", [r] * 8)
+            msg = await b.receive()
+            assert len(open_fds() - baseline) == 8
+            with pytest.warns(ResourceWarning, match="unclosed Message with 8"):  # noqa: PT031
+                del msg
+                gc.collect()
+            assert open_fds() == baseline

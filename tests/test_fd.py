@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import socket
@@ -10,6 +11,10 @@ import tempfile
 import pytest
 
 from aiofdpass import Fd, Limits, Message
+from aiofdpass._codec import RecordDecoder, encode_header
+from aiofdpass._fd import close_numbers
+
+from .helpers import open_fds
 
 
 def test_fileno_take_close() -> None:
@@ -177,3 +182,155 @@ def test_message_close_with_gaps_closes_one_by_one() -> None:
     os.fstat(b)  # taken, so still open
     for n in (gap, b, r, w):
         os.close(n)
+
+
+# -- Received messages: numbers stay plain ints until `fds` is read ----------
+
+
+def received(numbers: list[int], data: bytes = b"") -> Message:
+    """A message as the decoder returns it: it owns ``numbers``, unwrapped."""
+    dec = RecordDecoder(Limits())
+    dec.feed(encode_header(len(data), len(numbers)) + data, numbers)
+    msg = dec.next_message()
+    assert msg is not None and dec.at_boundary
+    return msg
+
+
+def contiguous_run(r: int, n: int) -> tuple[int, list[int], int]:
+    """Dup ``r`` into a run of ``n`` numbers with an open neighbour each side."""
+    while True:
+        before = os.dup(r)
+        run = [os.dup(r) for _ in range(n)]
+        after = os.dup(r)
+        if run == list(range(before + 1, before + 1 + n)) and after == run[-1] + 1:
+            return before, run, after
+        for fd in (before, *run, after):  # a hole in the table: try higher up
+            os.close(fd)
+
+
+def test_received_message_closes_exactly_its_run_without_wrapping() -> None:
+    r, w = os.pipe()
+    before, run, after = contiguous_run(r, 64)
+    baseline = open_fds()
+    msg = received(list(reversed(run)), b"data")
+    assert msg.nfds == 64 and msg.data == b"data"
+    assert open_fds() == baseline  # nothing opened or closed yet
+    msg.close()
+    assert open_fds() == baseline - set(run)  # exactly the run, neighbours kept
+    # Closed before it was ever wrapped: fds still says how many, all closed.
+    assert msg.nfds == 64 and len(msg.fds) == 64
+    assert all(fd.closed for fd in msg.fds)
+    msg.close()
+    assert open_fds() == baseline - set(run)
+    for fd in (before, after, r, w):
+        os.close(fd)
+
+
+def test_received_message_with_gaps_closes_one_by_one() -> None:
+    r, w = os.pipe()
+    a, gap, b, c = (os.dup(r) for _ in range(4))
+    msg = received([c, a, b])
+    msg.close()
+    assert open_fds() >= {gap, r, w}
+    assert not open_fds() & {a, b, c}
+    for fd in (gap, r, w):
+        os.close(fd)
+
+
+def test_close_numbers_never_closes_between_a_repeated_number() -> None:
+    # [a, a, c] spans a..c with three entries: a check of the span alone
+    # would close_range the neighbour b, which nobody here owns.
+    r, w = os.pipe()
+    a, b, c = (os.dup(r) for _ in range(3))
+    with pytest.raises(OSError) as info:  # noqa: PT011
+        close_numbers([a, a, c])
+    assert info.value.errno == errno.EBADF  # the second close of a
+    os.fstat(b)
+    assert not open_fds() & {a, c}
+    for fd in (b, r, w):
+        os.close(fd)
+
+
+def test_message_with_the_same_fd_twice_closes_it_once() -> None:
+    r, w = os.pipe()
+    a, b, c = (os.dup(r) for _ in range(3))
+    fa, fc = Fd(a), Fd(c)
+    msg = Message(b"", [fa, fa, fc])
+    msg.close()  # no EBADF: the Fd forgot its number after the first close
+    os.fstat(b)  # not in the message: untouched, although a..c is a run
+    assert fa.closed and fc.closed and not open_fds() & {a, c}
+    for fd in (b, r, w):
+        os.close(fd)
+
+
+def test_message_close_closes_all_then_raises_the_first_error() -> None:
+    r, w = os.pipe()
+    for wrapped in (True, False):
+        a, gone, b, other, c = (os.dup(r) for _ in range(5))
+        os.close(gone)  # as if something else closed it behind our back
+        owned = [a, gone, b, c]  # not a run: `other` is in between
+        msg = Message(b"", map(Fd, owned)) if wrapped else received(owned)
+        with pytest.raises(OSError) as info:  # noqa: PT011
+            msg.close()
+        assert info.value.errno == errno.EBADF
+        assert all(fd.closed for fd in msg.fds)
+        assert not open_fds() & {a, b, c}
+        msg.close()  # closed already: nothing to do, no error
+        os.close(other)  # still open: never the message's
+    os.close(r)
+    os.close(w)
+
+
+def test_reading_fds_wraps_once_and_the_message_keeps_owning_them() -> None:
+    r, w = os.pipe()
+    run = [os.dup(r) for _ in range(5)]
+    msg = received(run)
+    fds = msg.fds
+    assert [fd.fileno() for fd in fds] == run
+    assert msg.fds is fds and msg.nfds == 5
+    kept = fds[2].take()
+    msg.close()
+    assert all(fd.closed for fd in fds)
+    assert open_fds() & set(run) == {kept}
+    for fd in (kept, r, w):
+        os.close(fd)
+
+
+def test_received_message_equality_hash_and_repr() -> None:
+    r, w = os.pipe()
+    msg = received([os.dup(r)], b"abc")
+    assert msg == msg and msg != received([], b"abc")
+    assert hash(msg) == hash(msg)
+    assert f"<Fd {msg.fds[0].fileno()}>" in repr(msg)
+    assert received([], b"abc") == Message(b"abc")
+    msg.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_garbage_collected_received_message_closes_and_warns() -> None:
+    r, w = os.pipe()
+    run = [os.dup(r) for _ in range(3)]
+    msg = received(run)
+    with pytest.warns(ResourceWarning, match="unclosed Message with 3 descriptor"):  # noqa: PT031
+        del msg
+        gc.collect()
+    assert not open_fds() & set(run)
+    # Once wrapped, the Fd objects own them (and warn for themselves).
+    msg = received([os.dup(r)])
+    [fd] = msg.fds
+    number = fd.fileno()
+    del msg
+    gc.collect()
+    os.fstat(number)  # still open: fd owns it
+    fd.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_nfds_of_a_message_built_by_hand() -> None:
+    r, w = os.pipe()
+    msg = Message(b"x", [Fd(r), Fd(w)])
+    assert msg.nfds == 2 == len(msg.fds)
+    msg.close()
+    assert Message(b"").nfds == 0
