@@ -104,12 +104,15 @@ class RecordDecoder:
         is read in few calls) but never beyond what the limits allow: a
         header is checked before space for its payload is made.
         """
-        self._check_usable()
+        if self._failed is not None:
+            self._check_usable()
         wanted = READ_SIZE
         if self._header is not None:
             # Room for the rest of this record, plus a read's worth after it.
             wanted = max(wanted, HEADER_SIZE + self._header[0] - self._pending())
-        self._reserve(wanted)
+        size = len(self._buf)
+        if size - self._end < wanted or size > 4 * READ_SIZE:
+            self._reserve(wanted)
         return memoryview(self._buf)[self._end :]
 
     def commit(self, nbytes: int, fds: Iterable[int] = ()) -> None:
@@ -152,7 +155,8 @@ class RecordDecoder:
         header = self._header
         if header is None:
             if self._end - start < HEADER_SIZE:
-                self._check_unclaimed()
+                if len(self._fds) > SCM_MAX_FD:
+                    self._check_unclaimed()
                 return None
             # Fast path: one compare covers magic, version and flags.
             lead, nfds, reserved, payload_length = _FAST.unpack_from(self._buf, start)
@@ -168,7 +172,8 @@ class RecordDecoder:
         body = start + HEADER_SIZE
         if self._end - body < payload_length:
             self._header = (payload_length, nfds)
-            self._check_unclaimed()
+            if len(self._fds) > SCM_MAX_FD:
+                self._check_unclaimed()
             return None
         queue = self._fds
         if len(queue) < nfds:
