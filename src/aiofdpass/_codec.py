@@ -110,6 +110,9 @@ class RecordDecoder:
         if self._header is not None:
             # Room for the rest of this record, plus a read's worth after it.
             wanted = max(wanted, HEADER_SIZE + self._header[0] - self._pending())
+        elif self._start == self._end:
+            # Everything read was decoded: the next read starts at the front.
+            self._start = self._end = 0
         size = len(self._buf)
         if size - self._end < wanted or size > 4 * READ_SIZE:
             self._reserve(wanted)
