@@ -13,7 +13,7 @@ from ._fd import Fd, close_numbers
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["SCM_MAX_FD", "Limits", "Message", "received_message"]
+__all__ = ["SCM_MAX_FD", "Limits", "Message"]
 
 #: The most descriptors Linux accepts in one ``sendmsg`` (``SCM_MAX_FD``);
 #: one more gives ``EINVAL``.
@@ -190,23 +190,17 @@ class Message:
         data = self._data if len(self._data) <= 32 else self._data[:32] + b"..."
         return f"Message(data={data!r} ({len(self._data)} bytes), fds={self.fds!r})"
 
+    @classmethod
+    def _unchecked(cls, data: bytes, numbers: list[int] | None) -> Message:
+        # Fast constructor for the decoder, which has checked the record: the
+        # message owns ``numbers`` (None: no descriptors), still plain ints.
+        msg = cls.__new__(cls)
+        msg._data = data
+        msg._fds = ()
+        msg._numbers = numbers
+        return msg
+
 
 #: What ``fds`` holds for a descriptor closed before it was wrapped: one
 #: closed ``Fd``, shared (a closed Fd has nothing left to tell apart).
 _CLOSED = Fd._adopt(-1)
-
-
-def received_message(data: bytes, numbers: list[int] | None) -> Message:
-    """Return a message that owns ``numbers`` (``None``: no descriptors).
-
-    For the decoder, which has checked the record: no validation, and the
-    numbers stay plain ints until someone reads ``fds``.
-    """
-    msg = _new(Message)
-    msg._data = data
-    msg._fds = ()
-    msg._numbers = numbers
-    return msg
-
-
-_new = Message.__new__

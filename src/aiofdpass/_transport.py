@@ -68,7 +68,8 @@ def parse_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
     The caller owns them (plain ints: wrapping each in an :class:`Fd` is
     left to whoever hands them to the user). Descriptors other than
     ``SCM_RIGHTS`` (a pidfd from ``SO_PASSPIDFD``) are closed; credentials
-    are ignored. Nothing here can fail between the receive and the return.
+    are ignored. Should closing one of those fail, the passed ones are
+    closed too before the error propagates: nothing is left unowned.
     """
     if len(ancdata) == 1:
         level, kind, data = ancdata[0]
