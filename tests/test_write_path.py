@@ -109,7 +109,7 @@ async def test_queued_descriptors_are_bounded() -> None:
                     await a.send(b"", [r])
                     returned += 1
             assert scope.cancelled_caught
-            budget = a._fd_high_water  # 1024, or less under a low RLIMIT
+            budget = a._writer._fd_high_water  # 1024, or less under a low RLIMIT
             assert budget <= returned < budget + 50
             assert len(os.listdir("/proc/self/fd")) - before < budget + 50
 
@@ -230,6 +230,6 @@ def test_the_descriptor_budget_follows_rlimit_nofile() -> None:
         a, b = channel_pair()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert a._fd_high_water == 64  # an eighth of 512, not 1024
-    a._transport.sock.close()
-    b._transport.sock.close()
+    assert a._writer._fd_high_water == 64  # an eighth of 512, not 1024
+    a._transport.close()
+    b._transport.close()

@@ -1,58 +1,276 @@
-"""The two things anyio does not offer and the write path needs, per event loop.
+"""The one seam below anyio: each event loop's own primitives, per socket.
 
-``call_soon`` runs a plain callback on the next loop iteration (the deferred
-flush); ``spawn`` starts a detached task that outlives the caller (the
-flusher that waits for a full socket to drain). The rest of the library uses
-anyio only.
+Everything in aiofdpass that reaches into asyncio or trio directly lives
+here. A :class:`Driver` serves one socket on one running event loop: its
+readiness waits (which :meth:`Driver.notify_closing` wakes with
+:class:`anyio.ClosedResourceError`), a plain callback on the loop's next
+iteration, a task that the library starts itself (the background writer),
+a checkpoint and a sleep. :func:`current_driver` finds the running loop and
+keeps a socket on one loop at a time.
+
+Why not anyio for these: a callback scheduled with ``call_soon`` runs
+outside any task, where anyio cannot tell which library is running (under a
+plain ``asyncio.run`` its ``current_token()`` fails there); and on asyncio a
+wait on a future with ``add_reader`` costs about half of anyio's generic
+wait, which ping-pong traffic pays once per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import anyio.lowlevel
+from anyio import ClosedResourceError
 
-__all__ = ["LoopHooks", "current_hooks"]
-
-_background: set[asyncio.Task[None]] = set()
-
-
-class LoopHooks:
-    """``call_soon`` and ``spawn`` for the running event loop."""
-
-    __slots__ = ("call_soon", "spawn")
-
-    def __init__(
-        self,
-        call_soon: Callable[[Callable[[], object]], object],
-        spawn: Callable[[Callable[[], Awaitable[None]]], None],
-    ) -> None:
-        self.call_soon = call_soon
-        self.spawn = spawn
-
-
-def current_hooks() -> LoopHooks:
-    """Return the hooks for the event loop running in this thread."""
-    native = anyio.lowlevel.current_token().native_token
-    if isinstance(native, asyncio.AbstractEventLoop):
-        loop = native
-
-        def spawn_asyncio(fn: Callable[[], Awaitable[None]]) -> None:
-            async def run() -> None:
-                await fn()
-
-            task = loop.create_task(run())
-            _background.add(task)  # keep it alive until it is done
-            task.add_done_callback(_background.discard)
-
-        return LoopHooks(loop.call_soon, spawn_asyncio)
-
+if TYPE_CHECKING:
     import trio
 
-    assert isinstance(native, trio.lowlevel.TrioToken)
+__all__ = ["Driver", "current_driver"]
 
-    def spawn_trio(fn: Callable[[], Awaitable[None]]) -> None:
+_get_running_loop = asyncio._get_running_loop
+
+# Tasks the library started (the background writer) stay referenced until
+# they end: asyncio itself keeps only weak references to tasks.
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _closed_while_waiting() -> ClosedResourceError:
+    return ClosedResourceError("this channel was closed with aclose() while waiting")
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _noop() -> None:
+    pass
+
+
+class Driver:
+    """One socket's waits, callbacks and tasks on one running event loop."""
+
+    __slots__ = ("native", "sock")
+
+    #: The loop's identity: the asyncio loop, or the trio run's token.
+    native: object
+
+    def __init__(self, native: object, sock: socket.socket) -> None:
+        self.native = native
+        self.sock = sock
+
+    def running(self) -> bool:
+        """Whether the loop is still running (from any thread)."""
+        raise NotImplementedError
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the loop's next iteration, outside any task."""
+        raise NotImplementedError
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Start ``fn()`` as a task of the library's own; it must not raise."""
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        """Yield to the event loop once (a cancellation point)."""
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep (a cancellation point)."""
+        raise NotImplementedError
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket is readable."""
+        raise NotImplementedError
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more bytes."""
+        raise NotImplementedError
+
+    def notify_closing(self) -> None:
+        """Wake every wait on the socket with ClosedResourceError; it closes next."""
+        raise NotImplementedError
+
+
+class _AsyncioDriver(Driver):
+    """asyncio and uvloop: futures woken by ``add_reader``/``add_writer``."""
+
+    __slots__ = ("_waiters",)
+
+    native: asyncio.AbstractEventLoop
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        super().__init__(loop, sock)
+        # The future each direction waits on (True: reading).
+        self._waiters: dict[bool, asyncio.Future[None]] = {}
+
+    def running(self) -> bool:
+        return self.native.is_running()
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        self.native.call_soon(fn)
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        async def run() -> None:
+            await fn()
+
+        task = self.native.create_task(run())
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+
+    async def checkpoint(self) -> None:
+        await asyncio.sleep(0)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def wait_readable(self) -> None:
+        await self._wait(True)
+
+    async def wait_writable(self) -> None:
+        await self._wait(False)
+
+    async def _wait(self, readable: bool) -> None:
+        loop = self.native
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise _closed_while_waiting()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters[readable] = fut
+        if readable:
+            loop.add_reader(fd, _wake, fut)
+        else:
+            loop.add_writer(fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            if self._waiters.pop(readable, None) is not None:
+                # Still registered (notify_closing did not run).
+                if readable:
+                    loop.remove_reader(fd)
+                else:
+                    loop.remove_writer(fd)
+
+    def notify_closing(self) -> None:
+        if not self._waiters:
+            return
+        # Unregister the descriptor before it is closed (uvloop aborts on a
+        # closed one), then wake the waiters.
+        loop = self.native
+        fd = self.sock.fileno()
+        for readable, fut in self._waiters.items():
+            if not loop.is_closed():
+                (loop.remove_reader if readable else loop.remove_writer)(fd)
+            if not fut.done():
+                fut.set_exception(_closed_while_waiting())
+        self._waiters.clear()
+
+
+class _TrioDriver(Driver):
+    """trio: its own readiness waits, ``run_sync_soon`` and system tasks."""
+
+    __slots__ = ()
+
+    native: trio.lowlevel.TrioToken
+
+    def running(self) -> bool:
+        import trio
+
+        try:
+            self.native.run_sync_soon(_noop)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        self.native.run_sync_soon(fn)
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        import trio
+
         trio.lowlevel.spawn_system_task(fn)
 
-    return LoopHooks(native.run_sync_soon, spawn_trio)
+    async def checkpoint(self) -> None:
+        import trio
+
+        await trio.lowlevel.checkpoint()
+
+    async def sleep(self, seconds: float) -> None:
+        import trio
+
+        await trio.sleep(seconds)
+
+    async def wait_readable(self) -> None:
+        import trio
+
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError:
+            raise _closed_while_waiting() from None
+
+    async def wait_writable(self) -> None:
+        import trio
+
+        try:
+            await trio.lowlevel.wait_writable(self.sock)
+        except trio.ClosedResourceError:
+            raise _closed_while_waiting() from None
+
+    def notify_closing(self) -> None:
+        import trio
+
+        # Outside this trio run (RuntimeError) nobody can be waiting.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.notify_closing(self.sock)
+
+
+def _running_trio_token() -> object | None:
+    if "trio" not in sys.modules:
+        return None
+    import trio
+
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
+
+
+def current_driver(sock: socket.socket, owner: Driver | None) -> Driver:
+    """Return the driver for ``sock`` on the event loop running in this thread.
+
+    ``owner`` is the driver the socket used last: it is returned as it is
+    when that loop is the running one. A socket moves to the running loop
+    only once ``owner``'s loop has stopped.
+
+    :raises RuntimeError: with no running event loop, or while ``owner``'s
+        loop still runs (in another thread).
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        if owner is not None and owner.native is loop:
+            return owner
+        native: object = loop
+    else:
+        token = _running_trio_token()
+        if token is None:
+            raise RuntimeError(
+                "no running event loop: await aiofdpass calls from code run "
+                "by asyncio, uvloop or trio"
+            )
+        if owner is not None and owner.native is token:
+            return owner
+        native = token
+    if owner is not None and owner.running():
+        raise RuntimeError(
+            "this channel is in use by another event loop that is still "
+            "running (in another thread): a channel belongs to one event loop "
+            "at a time. Use it from that loop (e.g. with "
+            "anyio.from_thread.run), or give each loop its own channel"
+        )
+    if isinstance(native, asyncio.AbstractEventLoop):
+        return _AsyncioDriver(native, sock)
+    return _TrioDriver(native, sock)

@@ -1,0 +1,466 @@
+"""The write path: the send queue, its lock, when to write, backpressure, closing.
+
+Everything that decides when bytes and descriptors go to the socket lives
+here; :class:`~aiofdpass._transport.Transport` makes the syscalls and the
+:class:`~aiofdpass._outbox.Outbox` holds what waits. ``docs/write-path.md``
+tells the story; the rules, each kept in one place:
+
+Rule 1 (order): records reach the socket in the order their ``send()``
+returned. A record is written at once only when nothing is queued and
+nobody holds the lock; otherwise it joins the queue.
+
+Rule 2 (coalescing, no clock): a small record is written at once unless the
+channel already wrote one since it last waited for the event loop (its own
+waits: receiving, backpressure, the periodic yield) or last flushed; then it
+is queued, and the queue is written by a flush that the loop runs on its
+next iteration (or earlier, by a receive before it waits). So the first
+record after a wait goes straight out, and the records a task sends without
+waiting go out together, in one ``sendmsg`` per segment. Only the program's
+own sequence of sends and waits, and the socket's room, decide this.
+
+Rule 3 (flush on release): whoever holds the lock writes what the socket
+takes before letting go (:meth:`Writer.exclusive`). A flush that finds the
+socket full starts the background writer, a task of the library that takes
+the lock, waits until the queue is written, and ends.
+
+Rule 4 (lifetime): the background writer holds the writer, never the
+channel; closing the socket ends it, and ``aclose()`` waits for that. The
+queue waits at most ``close_timeout`` seconds at ``aclose()``; whatever is
+dropped (at close, on a write error, by garbage collection) is logged with
+its count.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+from collections import deque
+from types import TracebackType
+
+import anyio
+import anyio.lowlevel
+from anyio import BrokenResourceError, ClosedResourceError
+
+from ._errors import LimitError
+from ._outbox import Outbox
+from ._transport import OPEN, SHUT, Transport
+
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "SendLock", "Writer"]
+
+logger = logging.getLogger("aiofdpass")
+
+#: How long ``aclose()`` waits for queued records to be written, by default.
+DEFAULT_CLOSE_TIMEOUT = 10.0
+
+# Records larger than this (or with more descriptors) are written directly
+# from the caller's buffer instead of being copied into the queue.
+_DIRECT_BYTES = 64 * 1024
+_DIRECT_FDS = 16
+# send() waits for the queue to drain below _LOW_WATER once it holds
+# _HIGH_WATER bytes ...
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+# ... and once it holds this many of our duplicate descriptors: each one is
+# an open file in this process until it is sent. At most 1024, and never
+# more than an eighth of RLIMIT_NOFILE (read when the channel is made).
+_FD_HIGH_WATER = 1024
+# A call that never has to wait still yields every 32 calls (fairness, and
+# a cancellation point in a loop that never blocks).
+_YIELD_EVERY_MASK = 31
+
+
+class SendLock:
+    """A FIFO lock that works on any event loop (one at a time).
+
+    anyio's lock binds to the backend that first used it; a channel may be
+    used by asyncio and later by trio. The lock passes straight to the next
+    waiter on release, so nobody can barge in between.
+    """
+
+    __slots__ = ("_held", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    def locked(self) -> bool:
+        """Whether a task holds the lock."""
+        return self._held
+
+    async def acquire(self) -> None:
+        """Take the lock, waiting behind earlier callers (a cancellation point)."""
+        if not self._held:
+            self._held = True
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # it was handed to us: pass it on
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the next waiter, or free it."""
+        if self._waiters:
+            self._waiters.popleft().set()
+        else:
+            self._held = False
+
+
+class _Exclusive:
+    """``async with writer.exclusive():`` the lock, and Rule 3 on the way out."""
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+
+    async def __aenter__(self) -> None:
+        await self._writer.lock.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        writer = self._writer
+        try:
+            done = writer.write_now()
+        finally:
+            writer.lock.release()
+        if not done:
+            writer.start_background()
+
+
+class Writer:
+    """The sending side of one connection: queue, lock, policy, writer task."""
+
+    __slots__ = (
+        "_calls",
+        "_closing",
+        "_exclusive",
+        "_fd_high_water",
+        "_fd_low_water",
+        "_flush_pending",
+        "_parked",
+        "_wrote",
+        "background",
+        "close_timeout",
+        "lock",
+        "outbox",
+        "transport",
+    )
+
+    def __init__(self, transport: Transport, close_timeout: float) -> None:
+        self.transport = transport
+        self.outbox = Outbox()
+        self.lock = SendLock()
+        self._exclusive = _Exclusive(self)
+        self.close_timeout = close_timeout
+        #: A record was written at once since the channel last waited or
+        #: flushed (Rule 2).
+        self._wrote = False
+        #: A flush is scheduled on the event loop.
+        self._flush_pending = False
+        #: The background writer task runs.
+        self.background = False
+        #: The lock holder waits for room with nothing but the queue to
+        #: write, so others may write the queue meanwhile (Rule 3).
+        self._parked = False
+        self._closing = False
+        self._calls = 0
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        self._fd_high_water = max(16, min(_FD_HIGH_WATER, soft // 8))
+        self._fd_low_water = self._fd_high_water // 4
+        transport.on_send_break = self._on_send_break
+        transport.on_new_loop = self._on_new_loop
+
+    def exclusive(self) -> _Exclusive:
+        """Hold the send lock; on the way out, write what the socket takes."""
+        return self._exclusive
+
+    # -- sending ------------------------------------------------------------
+
+    async def send_record(
+        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
+    ) -> None:
+        """Send one encoded record (Rules 1 and 2); see ``FdChannel.send``."""
+        transport = self.transport
+        driver = transport.enter()
+        if transport.send_state is not OPEN:
+            transport.check_send()
+        self._calls += 1
+        if not self._calls & _YIELD_EVERY_MASK:
+            await driver.checkpoint()
+            self._wrote = False
+        if len(payload) > _DIRECT_BYTES or len(numbers) > _DIRECT_FDS:
+            buffers = [memoryview(header), memoryview(payload)]
+            await self._send_exclusive(buffers if payload else buffers[:1], numbers)
+            return
+        outbox = self.outbox
+        if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
+            async with self._exclusive:
+                await self._drain(full=False)
+        if transport.send_state is not OPEN:
+            transport.check_send()
+        if outbox or self._wrote or self.lock._held:
+            # Queued with our own duplicates (the caller may close its
+            # copies on return), to go out with the others.
+            try:
+                owned = _duplicate(numbers) if numbers else numbers
+            except OSError as exc:
+                owned = await self._duplicate_or_wait(numbers, exc)
+            outbox.add(header, payload, owned)
+            if not self._flush_pending and not self.background:
+                self._flush_pending = True
+                driver.call_soon(self._on_flush)
+            return
+        self._wrote = True
+        try:
+            sent = transport.try_send(header + payload, numbers)
+        except LimitError:
+            # ETOOMANYREFS: too many of this user's descriptors in flight.
+            # For a small record that is backpressure: queue it; the
+            # background writer retries as the peer receives.
+            sent = -1
+        if sent < 0:  # nothing written: queue all of it
+            outbox.add(header, payload, _duplicate(numbers))
+        elif sent < len(header) + len(payload):
+            # Its descriptors went with the first bytes; the rest follows.
+            outbox.add_tail((header + payload)[sent:])
+        else:
+            return
+        self.start_background()
+
+    async def send_bytes(self, buffers: list[memoryview], numbers: list[int]) -> None:
+        """Write ``buffers`` completely, ``numbers`` with the first byte (no queue)."""
+        driver = self.transport.enter()
+        await driver.checkpoint()
+        await self._send_exclusive(buffers, numbers)
+
+    async def _send_exclusive(
+        self, buffers: list[memoryview], numbers: list[int]
+    ) -> None:
+        transport = self.transport
+        async with self._exclusive:
+            # A cancelled caller must not write a first byte.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            transport.check_send()
+            await self._drain(full=True)
+            await transport.send_all(buffers, numbers)
+
+    async def send_eof(self) -> None:
+        """Write the queue, then shut down sending; a second call does nothing."""
+        transport = self.transport
+        driver = transport.enter()
+        await driver.checkpoint()
+        if transport.send_state is SHUT:
+            return
+        async with self._exclusive:
+            if transport.send_state is SHUT:
+                return
+            transport.check_send()
+            await self._drain(full=True)
+            transport.shutdown_write()
+
+    def idle(self) -> None:
+        """Write the queue now: the connection is about to wait (Rule 2)."""
+        self._wrote = False
+        if self.outbox:
+            self._flush()
+
+    # -- closing ------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Give the queue up to ``close_timeout`` seconds, then close."""
+        transport = self.transport
+        if transport.closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        driver = transport.enter()
+        try:
+            if self.outbox and transport.send_state is OPEN:
+                self._closing = True
+                with anyio.move_on_after(self.close_timeout) as scope:
+                    async with self._exclusive:
+                        await self._drain(full=True)
+                if scope.cancelled_caught:
+                    self.close(
+                        f"the peer did not read them within close_timeout "
+                        f"({self.close_timeout} s)"
+                    )
+        except (BrokenResourceError, ClosedResourceError):
+            pass  # the peer is gone: nothing more can be delivered
+        finally:
+            self.close("the channel was closed before they were written")
+            if self.background:
+                # Closing woke the background writer; it ends at once.
+                with anyio.CancelScope(shield=True):
+                    while self.background:
+                        await driver.checkpoint()
+        await driver.checkpoint()
+
+    def close(self, reason: str) -> None:
+        """Close now, dropping (and logging) whatever is still queued."""
+        self._closing = True
+        self._drop(reason)
+        self.transport.close()
+
+    def _drop(self, reason: str) -> None:
+        dropped = self.outbox.discard()
+        if dropped:
+            logger.warning(
+                "dropped %d queued record(s) that were never written: %s",
+                dropped,
+                reason,
+            )
+
+    # -- the queue ----------------------------------------------------------
+
+    def write_now(self) -> bool:
+        """Write what the socket takes now; ``True`` if nothing is left to do.
+
+        The caller holds the lock, or nobody does. Never raises: errors are
+        recorded on the transport, which drops the queue.
+        """
+        if not self.outbox or self.transport.send_state is not OPEN:
+            return True
+        try:
+            return self.transport.write_queue(self.outbox)
+        except LimitError:
+            return False  # ETOOMANYREFS: the background writer retries
+        except (BrokenResourceError, ClosedResourceError):
+            return True
+
+    def start_background(self) -> None:
+        """Start the background writer unless it runs (or we are closing)."""
+        if self.background or self._closing or not self.outbox:
+            return
+        driver = self.transport.driver
+        assert driver is not None
+        self.background = True
+        driver.spawn(self._background)
+
+    async def _background(self) -> None:
+        """Run the background writer: take the lock, write the whole queue, end."""
+        try:
+            async with self._exclusive:
+                await self._drain(full=True)
+        except (KeyboardInterrupt, SystemExit):  # pragma: no cover
+            raise
+        except BaseException:
+            # An error is recorded on the transport (the next call raises
+            # it); a cancellation means the event loop is ending, and the
+            # queue waits for the channel's next use.
+            pass
+        finally:
+            self.background = False
+
+    def _on_flush(self) -> None:
+        """Flush the queue: the event loop runs this on its next iteration (Rule 2)."""
+        self._flush_pending = False
+        self._wrote = False
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.lock._held and not self._parked:
+            return  # Rule 3: the lock holder writes the queue
+        if not self.write_now():
+            self.start_background()
+
+    async def _drain(self, *, full: bool) -> None:
+        """Write queued records: all of them, or until below the low marks.
+
+        The caller holds the lock. ``ETOOMANYREFS`` (this user has too many
+        descriptors in flight) is backpressure too: the count drops as the
+        peer receives, but no event says when, so it retries with a growing
+        pause.
+        """
+        outbox = self.outbox
+        transport = self.transport
+        driver = transport.driver
+        assert driver is not None
+        pause = 0.001
+        while (
+            outbox
+            if full
+            else (outbox.nbytes > _LOW_WATER or outbox.nfds > self._fd_low_water)
+        ):
+            transport.check_send()
+            try:
+                if transport.write_queue(outbox):
+                    return
+            except LimitError:
+                await driver.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            pause = 0.001
+            self._parked = True
+            try:
+                await driver.wait_writable()
+            finally:
+                self._parked = False
+
+    async def _duplicate_or_wait(self, numbers: list[int], error: OSError) -> list[int]:
+        """After ``_duplicate`` failed with ``error``: wait for the queue, retry.
+
+        Only running out of descriptors is worth waiting for, and only while
+        our own queued copies may be what fills the table.
+        """
+        if error.errno not in (errno.EMFILE, errno.ENFILE) or not self.outbox:
+            raise error
+        async with self._exclusive:
+            await self._drain(full=True)
+        return _duplicate(numbers)
+
+    # -- events from the transport -------------------------------------------
+
+    def _on_send_break(self) -> None:
+        self._drop("sending failed")
+
+    def _on_new_loop(self) -> None:
+        # The loop that used the channel last has ended: its tasks and
+        # callbacks are gone. Records it left queued go out on this loop.
+        self.lock = SendLock()
+        self._wrote = self._flush_pending = self.background = self._parked = False
+        if self.outbox:
+            driver = self.transport.driver
+            assert driver is not None
+            self._flush_pending = True
+            driver.call_soon(self._on_flush)
+
+
+def _duplicate(numbers: list[int]) -> list[int]:
+    """Return our own duplicates of ``numbers`` (close-on-exec)."""
+    owned: list[int] = []
+    try:
+        for n in numbers:
+            owned.append(os.dup(n))
+    except OSError as exc:
+        for fd in owned:
+            os.close(fd)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise OSError(
+                exc.errno,
+                "out of descriptors while queueing a record (this channel "
+                "holds its own copies of queued descriptors until they are "
+                "sent): close descriptors, raise RLIMIT_NOFILE, or let the "
+                "peer catch up. Nothing was sent",
+            ) from None
+        if exc.errno == errno.EBADF:
+            raise OSError(
+                errno.EBADF,
+                f"descriptor {numbers[len(owned)]} is not open (was it closed "
+                "before send?); nothing was sent",
+            ) from None
+        raise
+    return owned
