@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,7 @@ class Driver:
         raise NotImplementedError
 
     def call_soon(self, fn: Callable[[], object]) -> None:
-        """Run ``fn()`` on the loop's next iteration, outside any task."""
+        """Run ``fn()`` soon, when the loop next runs its callbacks or tasks."""
         raise NotImplementedError
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -94,6 +95,11 @@ class Driver:
     def notify_closing(self) -> None:
         """Wake every wait on the socket with ClosedResourceError; it closes next."""
         raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        """Whether a task of the driver's own still runs."""
+        return False
 
 
 class _AsyncioDriver(Driver):
@@ -171,11 +177,24 @@ class _AsyncioDriver(Driver):
 
 
 class _TrioDriver(Driver):
-    """trio: its own readiness waits, ``run_sync_soon`` and system tasks."""
+    """trio: its own readiness waits, and system tasks.
 
-    __slots__ = ()
+    ``call_soon`` hands callbacks to a system task of the socket's own that
+    sleeps between them and is woken with ``reschedule``: unlike
+    ``run_sync_soon`` this costs no wake-up syscall, and it runs in the
+    scheduler's own order. ``notify_closing`` ends that task.
+    """
+
+    __slots__ = ("_closing", "_parked", "_pending", "_runner")
 
     native: trio.lowlevel.TrioToken
+
+    def __init__(self, native: object, sock: socket.socket) -> None:
+        super().__init__(native, sock)
+        self._pending: deque[Callable[[], object]] = deque()
+        self._runner = False
+        self._parked: trio.lowlevel.Task | None = None
+        self._closing = False
 
     def running(self) -> bool:
         import trio
@@ -187,7 +206,40 @@ class _TrioDriver(Driver):
         return True
 
     def call_soon(self, fn: Callable[[], object]) -> None:
-        self.native.run_sync_soon(fn)
+        import trio
+
+        self._pending.append(fn)
+        if not self._runner:
+            self._runner = True
+            trio.lowlevel.spawn_system_task(self._run_callbacks)
+        elif self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
+
+    async def _run_callbacks(self) -> None:
+        import trio
+
+        try:
+            while True:
+                while self._pending:
+                    self._pending.popleft()()
+                if self._closing:
+                    return
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+        finally:
+            self._runner = False
+            self._parked = None
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        import trio
+
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    @property
+    def busy(self) -> bool:
+        return self._runner
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         import trio
@@ -223,9 +275,13 @@ class _TrioDriver(Driver):
     def notify_closing(self) -> None:
         import trio
 
+        self._closing = True
         # Outside this trio run (RuntimeError) nobody can be waiting.
         with contextlib.suppress(RuntimeError):
             trio.lowlevel.notify_closing(self.sock)
+            if self._parked is not None:
+                task, self._parked = self._parked, None
+                trio.lowlevel.reschedule(task)
 
 
 def _running_trio_token() -> object | None:

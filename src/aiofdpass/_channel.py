@@ -234,6 +234,7 @@ class FdChannel(Connection, ObjectStream[Message]):
             raise BusyResourceError("receiving from")
         transport = self._transport
         driver = transport.enter()
+        self._writer.burst = False  # a reply to what we receive goes out at once
         self._receiving = True
         try:
             self._receive_calls += 1

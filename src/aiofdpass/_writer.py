@@ -10,13 +10,13 @@ returned. A record is written at once only when nothing is queued and
 nobody holds the lock; otherwise it joins the queue.
 
 Rule 2 (coalescing, no clock): a small record is written at once unless the
-channel already wrote one since it last waited for the event loop (its own
-waits: receiving, backpressure, the periodic yield) or last flushed; then it
-is queued, and the queue is written by a flush that the loop runs on its
-next iteration (or earlier, by a receive before it waits). So the first
-record after a wait goes straight out, and the records a task sends without
-waiting go out together, in one ``sendmsg`` per segment. Only the program's
-own sequence of sends and waits, and the socket's room, decide this.
+connection already wrote one at once since it last received, waited for
+the event loop itself (backpressure, the periodic yield) or flushed its
+queue: then it is queued, and the queue is written by a flush that the loop
+runs on its next iteration (or earlier, by a receive about to wait). So a
+reply sent after a receive goes straight out, and the records a task sends
+one after another go out together, in one ``sendmsg`` per segment. Only
+the program's own sequence of calls, and the socket's room, decide this.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
 takes before letting go (:meth:`Writer.exclusive`). A flush that finds the
@@ -38,6 +38,7 @@ import os
 import resource
 from collections import deque
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +47,9 @@ from anyio import BrokenResourceError, ClosedResourceError
 from ._errors import LimitError
 from ._outbox import Outbox
 from ._transport import OPEN, SHUT, Transport
+
+if TYPE_CHECKING:
+    from ._backend import Driver
 
 __all__ = ["DEFAULT_CLOSE_TIMEOUT", "SendLock", "Writer"]
 
@@ -69,6 +73,10 @@ _FD_HIGH_WATER = 1024
 # A call that never has to wait still yields every 32 calls (fairness, and
 # a cancellation point in a loop that never blocks).
 _YIELD_EVERY_MASK = 31
+# The flush callback's states.
+_NOT_SCHEDULED = "not scheduled"
+_DUE = "due"
+_STALE = "stale"
 
 
 class SendLock:
@@ -150,8 +158,8 @@ class Writer:
         "_fd_low_water",
         "_flush_pending",
         "_parked",
-        "_wrote",
-        "background",
+                "background",
+        "burst",
         "close_timeout",
         "lock",
         "outbox",
@@ -164,11 +172,12 @@ class Writer:
         self.lock = SendLock()
         self._exclusive = _Exclusive(self)
         self.close_timeout = close_timeout
-        #: A record was written at once since the channel last waited or
-        #: flushed (Rule 2).
-        self._wrote = False
-        #: A flush is scheduled on the event loop.
-        self._flush_pending = False
+        #: A record was written at once since the connection last received,
+        #: waited or flushed: the next small record is queued (Rule 2).
+        self.burst = False
+        #: The flush callback: not scheduled, due, or scheduled but stale
+        #: (the queue it was for was written meanwhile).
+        self._flush_pending = _NOT_SCHEDULED
         #: The background writer task runs.
         self.background = False
         #: The lock holder waits for room with nothing but the queue to
@@ -200,8 +209,11 @@ class Writer:
             transport.check_send()
         self._calls += 1
         if not self._calls & _YIELD_EVERY_MASK:
+            # Our own yield: write the queue first, so that whether a flush
+            # callback runs before or after us (trio varies the order) does
+            # not change what is written when (Rule 2).
+            self.idle()
             await driver.checkpoint()
-            self._wrote = False
         if len(payload) > _DIRECT_BYTES or len(numbers) > _DIRECT_FDS:
             buffers = [memoryview(header), memoryview(payload)]
             await self._send_exclusive(buffers if payload else buffers[:1], numbers)
@@ -212,7 +224,7 @@ class Writer:
                 await self._drain(full=False)
         if transport.send_state is not OPEN:
             transport.check_send()
-        if outbox or self._wrote or self.lock._held:
+        if outbox or self.burst or self.lock._held:
             # Queued with our own duplicates (the caller may close its
             # copies on return), to go out with the others.
             try:
@@ -220,11 +232,10 @@ class Writer:
             except OSError as exc:
                 owned = await self._duplicate_or_wait(numbers, exc)
             outbox.add(header, payload, owned)
-            if not self._flush_pending and not self.background:
-                self._flush_pending = True
-                driver.call_soon(self._on_flush)
+            if not self.background:
+                self._schedule_flush(driver)
             return
-        self._wrote = True
+        self.burst = True
         try:
             sent = transport.try_send(header + payload, numbers)
         except LimitError:
@@ -274,7 +285,11 @@ class Writer:
 
     def idle(self) -> None:
         """Write the queue now: the connection is about to wait (Rule 2)."""
-        self._wrote = False
+        self.burst = False
+        if self._flush_pending is _DUE:
+            # The callback already in flight must not act later: when it
+            # runs, relative to our own task, is up to the scheduler.
+            self._flush_pending = _STALE
         if self.outbox:
             self._flush()
 
@@ -302,10 +317,10 @@ class Writer:
             pass  # the peer is gone: nothing more can be delivered
         finally:
             self.close("the channel was closed before they were written")
-            if self.background:
-                # Closing woke the background writer; it ends at once.
+            if self.background or driver.busy:
+                # Closing woke the library's own tasks; they end at once.
                 with anyio.CancelScope(shield=True):
-                    while self.background:
+                    while self.background or driver.busy:
                         await driver.checkpoint()
         await driver.checkpoint()
 
@@ -365,11 +380,20 @@ class Writer:
         finally:
             self.background = False
 
+    def _schedule_flush(self, driver: Driver) -> None:
+        state = self._flush_pending
+        if state is _NOT_SCHEDULED:
+            driver.call_soon(self._on_flush)
+        if state is not _DUE:
+            self._flush_pending = _DUE
+
     def _on_flush(self) -> None:
         """Flush the queue: the event loop runs this on its next iteration (Rule 2)."""
-        self._flush_pending = False
-        self._wrote = False
-        self._flush()
+        due = self._flush_pending is _DUE
+        self._flush_pending = _NOT_SCHEDULED
+        if due:
+            self.burst = False
+            self._flush()
 
     def _flush(self) -> None:
         if self.lock._held and not self._parked:
@@ -431,12 +455,12 @@ class Writer:
         # The loop that used the channel last has ended: its tasks and
         # callbacks are gone. Records it left queued go out on this loop.
         self.lock = SendLock()
-        self._wrote = self._flush_pending = self.background = self._parked = False
+        self.burst = self.background = self._parked = False
+        self._flush_pending = _NOT_SCHEDULED
         if self.outbox:
             driver = self.transport.driver
             assert driver is not None
-            self._flush_pending = True
-            driver.call_soon(self._on_flush)
+            self._schedule_flush(driver)
 
 
 def _duplicate(numbers: list[int]) -> list[int]:
