@@ -19,7 +19,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 N = 5_000
-DEFAULT = ["anyio-asyncio", "anyio-trio", "aiofdpass-asyncio", "aiofdpass-uvloop", "aiofdpass-trio"]
+DEFAULT = [
+    "anyio-asyncio",
+    "anyio-trio",
+    "aiofdpass-asyncio",
+    "aiofdpass-uvloop",
+    "aiofdpass-trio",
+]
 
 
 def profile(impl: str) -> tuple[float, pstats.Stats]:
@@ -31,7 +37,15 @@ def profile(impl: str) -> tuple[float, pstats.Stats]:
             pass_fds=[b.fileno()],
         )
         ping = subprocess.Popen(
-            [sys.executable, str(HERE / "workers.py"), impl, "w2", "pingpong", str(a.fileno()), str(N)],
+            [
+                sys.executable,
+                str(HERE / "workers.py"),
+                impl,
+                "w2",
+                "pingpong",
+                str(a.fileno()),
+                str(N),
+            ],
             pass_fds=[a.fileno()],
             stdout=subprocess.DEVNULL,
         )
