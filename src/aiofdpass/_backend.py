@@ -18,6 +18,7 @@ wait, which ping-pong traffic pays once per message.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import contextlib
 import socket
 import sys
@@ -68,6 +69,10 @@ class Driver:
         """Whether the loop is still running (from any thread)."""
         raise NotImplementedError
 
+    def is_current(self) -> bool:
+        """Whether this is the loop running in this thread (the fast path)."""
+        raise NotImplementedError
+
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` soon, when the loop next runs its callbacks or tasks."""
         raise NotImplementedError
@@ -103,19 +108,46 @@ class Driver:
 
 
 class _AsyncioDriver(Driver):
-    """asyncio and uvloop: futures woken by ``add_reader``/``add_writer``."""
+    """asyncio and uvloop: futures woken by ``add_reader``/``add_writer``.
 
-    __slots__ = ("_waiters",)
+    The reader stays registered between waits, so a ping-pong exchange does
+    not pay an ``epoll_ctl`` pair (and asyncio's bookkeeping for it) on
+    every message; it is unregistered once the socket was reported readable
+    twice with nobody waiting, so data left unread does not keep the loop
+    busy. A readiness report is level-triggered: one that is ignored or
+    stale comes again, or the data is gone.
+    """
+
+    __slots__ = (
+        "_idle_reports",
+        "_read_waiter",
+        "_reading",
+        "_skip",
+        "_stale_reports",
+        "_write_waiter",
+    )
 
     native: asyncio.AbstractEventLoop
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         super().__init__(loop, sock)
-        # The future each direction waits on (True: reading).
-        self._waiters: dict[bool, asyncio.Future[None]] = {}
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._reading = False
+        self._idle_reports = 0
+        # asyncio's own loop polls before it runs the task it woke, so the
+        # report after a wake-up predates the read that task then makes:
+        # ignore it (uvloop runs the task before polling again).
+        self._stale_reports = isinstance(loop, asyncio.BaseEventLoop) and isinstance(
+            loop, asyncio.selector_events.BaseSelectorEventLoop
+        )
+        self._skip = False
 
     def running(self) -> bool:
         return self.native.is_running()
+
+    def is_current(self) -> bool:
+        return _get_running_loop() is self.native
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         self.native.call_soon(fn)
@@ -135,45 +167,66 @@ class _AsyncioDriver(Driver):
         await asyncio.sleep(seconds)
 
     async def wait_readable(self) -> None:
-        await self._wait(True)
-
-    async def wait_writable(self) -> None:
-        await self._wait(False)
-
-    async def _wait(self, readable: bool) -> None:
         loop = self.native
         fd = self.sock.fileno()
         if fd < 0:
             raise _closed_while_waiting()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters[readable] = fut
-        if readable:
-            loop.add_reader(fd, _wake, fut)
-        else:
-            loop.add_writer(fd, _wake, fut)
+        fut = self._read_waiter = loop.create_future()
+        if not self._reading:
+            loop.add_reader(fd, self._on_readable)
+            self._reading = True
         try:
             await fut
         finally:
-            if self._waiters.pop(readable, None) is not None:
-                # Still registered (notify_closing did not run).
-                if readable:
-                    loop.remove_reader(fd)
-                else:
-                    loop.remove_writer(fd)
+            self._read_waiter = None
 
-    def notify_closing(self) -> None:
-        if not self._waiters:
+    def _on_readable(self) -> None:
+        if self._skip:
+            self._skip = False
             return
-        # Unregister the descriptor before it is closed (uvloop aborts on a
-        # closed one), then wake the waiters.
+        fut = self._read_waiter
+        if fut is None or fut.done():
+            self._idle_reports += 1
+            if self._idle_reports > 1:
+                self._stop_reading()
+            return
+        self._idle_reports = 0
+        fut.set_result(None)
+        self._skip = self._stale_reports
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._idle_reports = 0
+            self._skip = False
+            if not self.native.is_closed():
+                self.native.remove_reader(self.sock.fileno())
+
+    async def wait_writable(self) -> None:
         loop = self.native
         fd = self.sock.fileno()
-        for readable, fut in self._waiters.items():
-            if not loop.is_closed():
-                (loop.remove_reader if readable else loop.remove_writer)(fd)
-            if not fut.done():
+        if fd < 0:
+            raise _closed_while_waiting()
+        fut = self._write_waiter = loop.create_future()
+        loop.add_writer(fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            if self._write_waiter is fut:  # notify_closing did not run
+                self._write_waiter = None
+                loop.remove_writer(fd)
+
+    def notify_closing(self) -> None:
+        # Unregister the descriptor before it is closed (uvloop aborts on a
+        # closed one), then wake the waiters.
+        self._stop_reading()
+        read, write = self._read_waiter, self._write_waiter
+        self._read_waiter = self._write_waiter = None
+        if write is not None and not self.native.is_closed():
+            self.native.remove_writer(self.sock.fileno())
+        for fut in (read, write):
+            if fut is not None and not fut.done():
                 fut.set_exception(_closed_while_waiting())
-        self._waiters.clear()
 
 
 class _TrioDriver(Driver):
@@ -204,6 +257,14 @@ class _TrioDriver(Driver):
         except trio.RunFinishedError:
             return False
         return True
+
+    def is_current(self) -> bool:
+        import trio
+
+        try:
+            return trio.lowlevel.current_trio_token() is self.native
+        except RuntimeError:
+            return False
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         import trio

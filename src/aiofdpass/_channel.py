@@ -253,9 +253,11 @@ class FdChannel(Connection, ObjectStream[Message]):
                     return message
                 if self._eof:
                     raise EndOfStream
+                if self._writer.outbox:
+                    self._writer.idle()  # what we queued goes out before we read
                 view = decoder.get_buffer()
                 try:
-                    nbytes, fds = await transport.recv_into(view, self._writer.idle)
+                    nbytes, fds = await transport.recv_into(view)
                 finally:
                     view.release()
                 decoder.commit(nbytes, fds)

@@ -215,6 +215,8 @@ class Transport:
             still runs, or with no running event loop.
         """
         old = self.driver
+        if old is not None and old.is_current():
+            return old
         driver = current_driver(self.sock, old)
         if driver is not old:
             self.driver = driver
@@ -327,21 +329,16 @@ class Transport:
             raise lost
         return nbytes, fds
 
-    async def recv_into(
-        self, buf: memoryview, before_wait: Callable[[], None] | None = None
-    ) -> tuple[int, list[Fd]]:
+    async def recv_into(self, buf: memoryview) -> tuple[int, list[Fd]]:
         """Read once into ``buf``, waiting for data if there is none yet.
 
-        ``before_wait()`` runs each time just before it waits. The caller
-        must have checkpointed already; once the syscall returns there is no
-        await, so nothing read is lost to cancellation.
+        The caller must have checkpointed already; once the syscall returns
+        there is no await, so nothing read is lost to cancellation.
         """
         while True:
             got = self.try_recv_into(buf)
             if got is not None:
                 return got
-            if before_wait is not None:
-                before_wait()
             assert self.driver is not None
             await self.driver.wait_readable()
 

@@ -158,7 +158,7 @@ class Writer:
         "_fd_low_water",
         "_flush_pending",
         "_parked",
-                "background",
+        "background",
         "burst",
         "close_timeout",
         "lock",
