@@ -31,9 +31,12 @@ from anyio import ClosedResourceError
 if TYPE_CHECKING:
     import trio
 
-__all__ = ["Driver", "current_driver"]
+__all__ = ["Driver", "current_driver", "running_asyncio_loop"]
 
-_get_running_loop = asyncio._get_running_loop
+#: The running asyncio loop, or ``None`` (on trio, or with no loop): the
+#: cheapest test that a socket is still used from the same asyncio loop.
+running_asyncio_loop = asyncio._get_running_loop
+_get_running_loop = running_asyncio_loop
 
 # Tasks the library started (the background writer) stay referenced until
 # they end: asyncio itself keeps only weak references to tasks.

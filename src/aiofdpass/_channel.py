@@ -15,7 +15,7 @@ from ._convert import close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
 from ._transport import OPEN
-from ._writer import DEFAULT_CLOSE_TIMEOUT
+from ._writer import DEFAULT_CLOSE_TIMEOUT, DIRECT_BYTES, DIRECT_FDS
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -131,10 +131,10 @@ class FdChannel(Connection, ObjectStream[Message]):
         descriptors and ``close_fds`` closed nothing.
 
         A small record is written at once, unless this channel already wrote
-        one since it last waited for the event loop: records sent without
-        waiting in between are queued and written together, many in one
-        ``sendmsg``, when the loop next runs its callbacks (or sooner, by a
-        :meth:`receive` about to wait). No clock is involved:
+        one since it last received or since the event loop last ran its
+        flush: records sent one after another are queued and written
+        together, many in one ``sendmsg``, when the loop next runs its
+        callbacks (or sooner, by a :meth:`receive`). No clock is involved:
         ``docs/write-path.md`` gives the rules. A record that meets a full
         socket, or the kernel's limit on descriptors in flight
         (``ETOOMANYREFS``), is queued too, and a task of the channel's own
@@ -191,20 +191,25 @@ class FdChannel(Connection, ObjectStream[Message]):
         objs = fds if type(fds) is list or type(fds) is tuple else list(fds)
         numbers = filenos_of(objs)
         limits = self._limits
-        if len(payload) > limits.max_payload:
+        nbytes = len(payload)
+        nfds = len(numbers)
+        if nbytes > limits.max_payload:
             raise LimitError(
-                f"the payload is {len(payload)} bytes, over this channel's "
+                f"the payload is {nbytes} bytes, over this channel's "
                 f"max_payload of {limits.max_payload}: split it across records "
                 "or raise Limits.max_payload on both sides. Nothing was sent"
             )
-        if len(numbers) > limits.max_fds:
+        if nfds > limits.max_fds:
             raise LimitError(
-                f"{len(numbers)} descriptors in one record, over this channel's "
+                f"{nfds} descriptors in one record, over this channel's "
                 f"max_fds of {limits.max_fds} (Linux carries at most 253 "
                 "per sendmsg); split them across records. Nothing was sent"
             )
-        header = pack_header(MAGIC, VERSION, 0, len(numbers), 0, len(payload))
-        await self._writer.send_record(header, payload, numbers)
+        header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+        if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
+            await self._writer.send_direct(header, payload, numbers)
+        else:
+            await self._writer.send_record(header, payload, numbers)
         if close_fds:
             await close_sent(objs)
 

@@ -69,20 +69,23 @@ class Outbox:
         """Queue one record; the outbox now owns the descriptor numbers ``fds``."""
         segments = self._segments
         seg = segments[-1] if segments else None
+        nfds = len(fds)
         if (
             seg is None
-            or len(seg.buf) >= SEGMENT_BYTES
-            or (fds and (seg.fds_sent or len(seg.fds) + len(fds) > SCM_MAX_FD))
+            or seg.ends[-1] >= SEGMENT_BYTES
+            or (nfds and (seg.fds_sent or len(seg.fds) + nfds > SCM_MAX_FD))
         ):
             seg = _Segment()
             segments.append(seg)
-        seg.buf += header
-        seg.buf += payload
-        seg.ends.append(len(seg.buf))
-        if fds:
+        buf = seg.buf
+        buf += header
+        buf += payload
+        end = len(buf)
+        self.nbytes += end - (seg.ends[-1] if seg.ends else 0)
+        seg.ends.append(end)
+        if nfds:
             seg.fds += fds
-            self.nfds += len(fds)
-        self.nbytes += len(header) + len(payload)
+            self.nfds += nfds
 
     def add_tail(self, rest: bytes) -> None:
         """Queue the unwritten rest of a record whose descriptors already went.

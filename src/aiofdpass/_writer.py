@@ -10,13 +10,13 @@ returned. A record is written at once only when nothing is queued and
 nobody holds the lock; otherwise it joins the queue.
 
 Rule 2 (coalescing, no clock): a small record is written at once unless the
-connection already wrote one at once since it last received, waited for
-the event loop itself (backpressure, the periodic yield) or flushed its
-queue: then it is queued, and the queue is written by a flush that the loop
-runs on its next iteration (or earlier, by a receive about to wait). So a
-reply sent after a receive goes straight out, and the records a task sends
-one after another go out together, in one ``sendmsg`` per segment. Only
-the program's own sequence of calls, and the socket's room, decide this.
+connection already wrote one at once since it last received or since the
+loop last ran its flush callback: then it is queued, and the queue is
+written by the flush callback, which the loop runs on its next iteration,
+or earlier by a receive, or by ``send``'s own periodic yield. So a reply
+sent after a receive goes straight out, and the records a task sends one
+after another go out together, in one ``sendmsg`` per segment. Only the
+program's own sequence of calls, and the socket's room, decide this.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
 takes before letting go (:meth:`Writer.exclusive`). A flush that finds the
@@ -44,6 +44,7 @@ import anyio
 import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
+from ._backend import running_asyncio_loop
 from ._errors import LimitError
 from ._outbox import Outbox
 from ._transport import OPEN, SHUT, Transport
@@ -51,17 +52,17 @@ from ._transport import OPEN, SHUT, Transport
 if TYPE_CHECKING:
     from ._backend import Driver
 
-__all__ = ["DEFAULT_CLOSE_TIMEOUT", "SendLock", "Writer"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "DIRECT_BYTES", "DIRECT_FDS", "SendLock", "Writer"]
 
 logger = logging.getLogger("aiofdpass")
 
 #: How long ``aclose()`` waits for queued records to be written, by default.
 DEFAULT_CLOSE_TIMEOUT = 10.0
 
-# Records larger than this (or with more descriptors) are written directly
-# from the caller's buffer instead of being copied into the queue.
-_DIRECT_BYTES = 64 * 1024
-_DIRECT_FDS = 16
+#: Records larger than this (or with more descriptors) are written directly
+#: from the caller's buffer instead of being copied into the queue.
+DIRECT_BYTES = 64 * 1024
+DIRECT_FDS = 16
 # send() waits for the queue to drain below _LOW_WATER once it holds
 # _HIGH_WATER bytes ...
 _HIGH_WATER = 256 * 1024
@@ -199,31 +200,49 @@ class Writer:
 
     # -- sending ------------------------------------------------------------
 
+    async def send_direct(
+        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
+    ) -> None:
+        """Send one large record from the caller's buffer, behind the queue."""
+        driver = self.transport.enter()
+        if self.transport.send_state is not OPEN:
+            self.transport.check_send()
+        self._calls += 1
+        if not self._calls & _YIELD_EVERY_MASK:
+            self._flush_before_waiting()
+            await driver.checkpoint()
+        buffers = [memoryview(header), memoryview(payload)]
+        await self._send_exclusive(buffers if payload else buffers[:1], numbers)
+
     async def send_record(
         self, header: bytes, payload: bytes | memoryview, numbers: list[int]
     ) -> None:
-        """Send one encoded record (Rules 1 and 2); see ``FdChannel.send``."""
+        """Send one small encoded record (Rules 1 and 2); see ``FdChannel.send``.
+
+        Small: at most ``DIRECT_BYTES`` of payload and ``DIRECT_FDS``
+        descriptors; larger ones go to :meth:`send_direct`.
+        """
         transport = self.transport
-        driver = transport.enter()
+        driver = transport.driver
+        if driver is None or driver.native is not running_asyncio_loop():
+            driver = transport.enter()  # trio, or another loop than last time
         if transport.send_state is not OPEN:
             transport.check_send()
         self._calls += 1
         if not self._calls & _YIELD_EVERY_MASK:
-            # Our own yield: write the queue first, so that whether a flush
+            # Our own yield: write the queue first, so that whether the flush
             # callback runs before or after us (trio varies the order) does
-            # not change what is written when (Rule 2).
-            self.idle()
+            # not change what is written when. The burst goes on (Rule 2).
+            self._flush_before_waiting()
             await driver.checkpoint()
-        if len(payload) > _DIRECT_BYTES or len(numbers) > _DIRECT_FDS:
-            buffers = [memoryview(header), memoryview(payload)]
-            await self._send_exclusive(buffers if payload else buffers[:1], numbers)
-            return
         outbox = self.outbox
-        if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
+        if outbox and (
+            outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water
+        ):
             async with self._exclusive:
                 await self._drain(full=False)
-        if transport.send_state is not OPEN:
-            transport.check_send()
+            if transport.send_state is not OPEN:
+                transport.check_send()
         if outbox or self.burst or self.lock._held:
             # Queued with our own duplicates (the caller may close its
             # copies on return), to go out with the others.
@@ -232,7 +251,7 @@ class Writer:
             except OSError as exc:
                 owned = await self._duplicate_or_wait(numbers, exc)
             outbox.add(header, payload, owned)
-            if not self.background:
+            if self._flush_pending is not _DUE and not self.background:
                 self._schedule_flush(driver)
             return
         self.burst = True
@@ -284,8 +303,11 @@ class Writer:
             transport.shutdown_write()
 
     def idle(self) -> None:
-        """Write the queue now: the connection is about to wait (Rule 2)."""
+        """End the burst and write the queue now: the connection receives."""
         self.burst = False
+        self._flush_before_waiting()
+
+    def _flush_before_waiting(self) -> None:
         if self._flush_pending is _DUE:
             # The callback already in flight must not act later: when it
             # runs, relative to our own task, is up to the scheduler.
@@ -467,6 +489,8 @@ def _duplicate(numbers: list[int]) -> list[int]:
     """Return our own duplicates of ``numbers`` (close-on-exec)."""
     owned: list[int] = []
     try:
+        if len(numbers) == 1:
+            return [os.dup(numbers[0])]
         for n in numbers:
             owned.append(os.dup(n))
     except OSError as exc:
