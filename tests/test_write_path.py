@@ -17,6 +17,7 @@ from anyio.abc import SocketAttribute
 from aiofdpass import FdChannel, channel_pair
 from aiofdpass._codec import encode_header
 from aiofdpass._outbox import Outbox
+from aiofdpass._writer import SendLock
 
 from .helpers import identity, pipe, small_buffers
 
@@ -308,3 +309,31 @@ async def test_a_large_send_waits_for_the_lock_behind_another() -> None:
         await anyio.wait_all_tasks_blocked()
         assert (await b.receive()).data == b"L" * 200_000
         assert (await b.receive()).data == b"M" * 100_000
+
+
+async def test_a_waiter_handed_the_lock_and_cancelled_passes_it_on() -> None:
+    # The lock passes straight to the next waiter on release; if that waiter
+    # is cancelled before it runs, it must hand the lock on, not strand it.
+    lock = SendLock()
+    await lock.acquire()
+    order: list[str] = []
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await lock.acquire()
+            order.append(name)
+            lock.release()
+
+    async with anyio.create_task_group() as tg:
+        b_scope, c_scope = anyio.CancelScope(), anyio.CancelScope()
+        tg.start_soon(waiter, "b", b_scope)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "c", c_scope)
+        await anyio.wait_all_tasks_blocked()
+        b_scope.cancel()  # b is cancelled but has not run yet ...
+        lock.release()  # ... so the lock is handed to it
+        with anyio.fail_after(5):
+            while not order:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert order == ["c"]
+    await lock.acquire()  # free again

@@ -19,7 +19,7 @@ after another go out together, in one ``sendmsg`` per segment. Only the
 program's own sequence of calls, and the socket's room, decide this.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
-takes before letting go (:meth:`Writer.exclusive`). A flush that finds the
+takes before letting go (``Writer._exclusive``). A flush that finds the
 socket full starts the background writer, a task of the library that takes
 the lock, waits until the queue is written, and ends.
 
@@ -94,10 +94,6 @@ class SendLock:
         self._held = False
         self._waiters: deque[anyio.Event] = deque()
 
-    def locked(self) -> bool:
-        """Whether a task holds the lock."""
-        return self._held
-
     async def acquire(self) -> None:
         """Take the lock, waiting behind earlier callers (a cancellation point)."""
         if not self._held:
@@ -123,7 +119,7 @@ class SendLock:
 
 
 class _Exclusive:
-    """``async with writer.exclusive():`` the lock, and Rule 3 on the way out."""
+    """``async with writer._exclusive:`` the lock, and Rule 3 on the way out."""
 
     __slots__ = ("_writer",)
 
@@ -193,10 +189,6 @@ class Writer:
         self._fd_low_water = self._fd_high_water // 4
         transport.on_send_break = self._on_send_break
         transport.on_new_loop = self._on_new_loop
-
-    def exclusive(self) -> _Exclusive:
-        """Hold the send lock; on the way out, write what the socket takes."""
-        return self._exclusive
 
     # -- sending ------------------------------------------------------------
 
