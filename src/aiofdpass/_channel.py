@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from anyio import BusyResourceError, EndOfStream
 from anyio.abc import ObjectStream
 
+from ._backend import running_asyncio_loop
 from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import close_sent, filenos_of
@@ -206,10 +207,11 @@ class FdChannel(Connection, ObjectStream[Message]):
                 "per sendmsg); split them across records. Nothing was sent"
             )
         header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+        writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
-            await self._writer.send_direct(header, payload, numbers)
-        else:
-            await self._writer.send_record(header, payload, numbers)
+            await writer.send_direct(header, payload, numbers)
+        elif not writer.send_record(header, payload, numbers):
+            await writer.send_record_waiting(header, payload, numbers)
         if close_fds:
             await close_sent(objs)
 
@@ -238,7 +240,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         if self._receiving:
             raise BusyResourceError("receiving from")
         transport = self._transport
-        driver = transport.enter()
+        driver = transport.driver
+        if driver is None or driver.native is not running_asyncio_loop():
+            driver = transport.enter()  # trio, or another loop than last time
         self._writer.burst = False  # a reply to what we receive goes out at once
         self._receiving = True
         try:

@@ -206,13 +206,23 @@ class Writer:
         buffers = [memoryview(header), memoryview(payload)]
         await self._send_exclusive(buffers if payload else buffers[:1], numbers)
 
-    async def send_record(
-        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
-    ) -> None:
-        """Send one small encoded record (Rules 1 and 2); see ``FdChannel.send``.
+    def send_record(
+        self,
+        header: bytes,
+        payload: bytes | memoryview,
+        numbers: list[int],
+        *,
+        waited: bool = False,
+    ) -> bool:
+        """Write or queue one small record now, if that needs no wait.
 
-        Small: at most ``DIRECT_BYTES`` of payload and ``DIRECT_FDS``
-        descriptors; larger ones go to :meth:`send_direct`.
+        Rules 1 and 2; see ``FdChannel.send``. Small: at most
+        ``DIRECT_BYTES`` of payload and ``DIRECT_FDS`` descriptors (larger
+        ones go to :meth:`send_direct`). Returns ``False`` when the record
+        must wait first (the periodic yield, a full queue, or out of
+        descriptors while our queued copies hold some): then await
+        :meth:`send_record_waiting`, which calls this again with
+        ``waited=True``. The common path is one function call, no coroutine.
         """
         transport = self.transport
         driver = transport.driver
@@ -220,32 +230,27 @@ class Writer:
             driver = transport.enter()  # trio, or another loop than last time
         if transport.send_state is not OPEN:
             transport.check_send()
-        self._calls += 1
-        if not self._calls & _YIELD_EVERY_MASK:
-            # Our own yield: write the queue first, so that whether the flush
-            # callback runs before or after us (trio varies the order) does
-            # not change what is written when. The burst goes on (Rule 2).
-            self._flush_before_waiting()
-            await driver.checkpoint()
         outbox = self.outbox
-        if outbox and (
-            outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water
-        ):
-            async with self._exclusive:
-                await self._drain(full=False)
-            if transport.send_state is not OPEN:
-                transport.check_send()
-        if outbox or self.burst or self.lock._held:
+        queued = outbox.nbytes  # nonzero exactly when something is queued
+        if not waited:
+            self._calls += 1
+            if not self._calls & _YIELD_EVERY_MASK or (
+                queued and (queued >= _HIGH_WATER or outbox.nfds >= self._fd_high_water)
+            ):
+                return False
+        if queued or self.burst or self.lock._held:
             # Queued with our own duplicates (the caller may close its
             # copies on return), to go out with the others.
             try:
                 owned = _duplicate(numbers) if numbers else numbers
             except OSError as exc:
-                owned = await self._duplicate_or_wait(numbers, exc)
+                if waited or exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                return False  # our queued copies may be what fills the table
             outbox.add(header, payload, owned)
             if self._flush_pending is not _DUE and not self.background:
                 self._schedule_flush(driver)
-            return
+            return True
         self.burst = True
         try:
             sent = transport.try_send(header + payload, numbers)
@@ -260,8 +265,36 @@ class Writer:
             # Its descriptors went with the first bytes; the rest follows.
             outbox.add_tail((header + payload)[sent:])
         else:
-            return
+            return True
         self.start_background()
+        return True
+
+    async def send_record_waiting(
+        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
+    ) -> None:
+        """Wait as :meth:`send_record` asked, then write or queue the record."""
+        driver = self.transport.driver
+        assert driver is not None
+        if not self._calls & _YIELD_EVERY_MASK:
+            # Our own yield: write the queue first, so that whether the flush
+            # callback runs before or after us (trio varies the order) does
+            # not change what is written when. The burst goes on (Rule 2).
+            self._flush_before_waiting()
+            await driver.checkpoint()
+        outbox = self.outbox
+        if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
+            async with self._exclusive:
+                await self._drain(full=False)
+        try:
+            self.send_record(header, payload, numbers, waited=True)
+        except OSError as exc:
+            # Out of descriptors while our own queued copies hold some: wait
+            # until the queue is written, then try once more.
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not outbox:
+                raise
+            async with self._exclusive:
+                await self._drain(full=True)
+            self.send_record(header, payload, numbers, waited=True)
 
     async def send_bytes(self, buffers: list[memoryview], numbers: list[int]) -> None:
         """Write ``buffers`` completely, ``numbers`` with the first byte (no queue)."""
@@ -447,18 +480,6 @@ class Writer:
                 await driver.wait_writable()
             finally:
                 self._parked = False
-
-    async def _duplicate_or_wait(self, numbers: list[int], error: OSError) -> list[int]:
-        """After ``_duplicate`` failed with ``error``: wait for the queue, retry.
-
-        Only running out of descriptors is worth waiting for, and only while
-        our own queued copies may be what fills the table.
-        """
-        if error.errno not in (errno.EMFILE, errno.ENFILE) or not self.outbox:
-            raise error
-        async with self._exclusive:
-            await self._drain(full=True)
-        return _duplicate(numbers)
 
     # -- events from the transport -------------------------------------------
 
