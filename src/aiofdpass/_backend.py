@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import contextlib
+import logging
 import socket
 import sys
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -33,14 +35,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Driver", "current_driver", "running_asyncio_loop"]
 
+logger = logging.getLogger("aiofdpass")
+
 #: The running asyncio loop, or ``None`` (on trio, or with no loop): the
 #: cheapest test that a socket is still used from the same asyncio loop.
 running_asyncio_loop = asyncio._get_running_loop
 _get_running_loop = running_asyncio_loop
-
-# Tasks the library started (the background writer) stay referenced until
-# they end: asyncio itself keeps only weak references to tasks.
-_tasks: set[asyncio.Task[None]] = set()
 
 
 def _closed_while_waiting() -> ClosedResourceError:
@@ -59,7 +59,7 @@ def _noop() -> None:
 class Driver:
     """One socket's waits, callbacks and tasks on one running event loop."""
 
-    __slots__ = ("native", "sock")
+    __slots__ = ("native", "sock", "thread")
 
     #: The loop's identity: the asyncio loop, or the trio run's token.
     native: object
@@ -67,6 +67,8 @@ class Driver:
     def __init__(self, native: object, sock: socket.socket) -> None:
         self.native = native
         self.sock = sock
+        #: The thread the loop runs in.
+        self.thread = threading.get_ident()
 
     def running(self) -> bool:
         """Whether the loop is still running (from any thread)."""
@@ -82,6 +84,13 @@ class Driver:
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Start ``fn()`` as a task of the library's own; it must not raise."""
+        raise NotImplementedError
+
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn()`` on the loop soon, from any thread (a finaliser's).
+
+        Returns ``False`` if the loop no longer runs: nothing was scheduled.
+        """
         raise NotImplementedError
 
     async def checkpoint(self) -> None:
@@ -127,6 +136,7 @@ class _AsyncioDriver(Driver):
         "_reading",
         "_skip",
         "_stale_reports",
+        "_task",
         "_write_waiter",
     )
 
@@ -135,6 +145,9 @@ class _AsyncioDriver(Driver):
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         super().__init__(loop, sock)
         self._read_waiter: asyncio.Future[None] | None = None
+        # The library's own task, referenced here (asyncio keeps only weak
+        # references); dropped with the driver when the loop is left.
+        self._task: asyncio.Task[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._reading = False
         self._idle_reports = 0
@@ -159,9 +172,17 @@ class _AsyncioDriver(Driver):
         async def run() -> None:
             await fn()
 
-        task = self.native.create_task(run())
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
+        self._task = self.native.create_task(run())
+
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        loop = self.native
+        if not loop.is_running():
+            return False
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # closed meanwhile
+            return False
+        return True
 
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
@@ -269,6 +290,15 @@ class _TrioDriver(Driver):
         except RuntimeError:
             return False
 
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        import trio
+
+        try:
+            self.native.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            return False
+        return True
+
     def call_soon(self, fn: Callable[[], object]) -> None:
         import trio
 
@@ -286,7 +316,10 @@ class _TrioDriver(Driver):
         try:
             while True:
                 while self._pending:
-                    self._pending.popleft()()
+                    try:
+                        self._pending.popleft()()
+                    except Exception:  # a bug: never let it end the trio run
+                        logger.exception("aiofdpass callback failed")
                 if self._closing:
                     return
                 self._parked = trio.lowlevel.current_task()

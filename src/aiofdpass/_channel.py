@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from anyio import BusyResourceError, EndOfStream
@@ -51,9 +51,11 @@ class FdChannel(Connection, ObjectStream[Message]):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         """Adopt ``sock``; prefer :meth:`from_socket`, which documents this."""
-        super().__init__(sock, close_timeout)
         self._limits = limits or _DEFAULT_LIMITS
+        if not isinstance(self._limits, Limits):
+            raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
         self._decoder = RecordDecoder(self._limits)
+        super().__init__(sock, close_timeout)
         self._eof = False
         self._receiving = False
         self._receive_calls = 0
@@ -280,8 +282,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         finally:
             self._receiving = False
 
-    def _close_buffers(self) -> None:
-        self._decoder.close()
+    def _buffers_closer(self) -> Callable[[], None]:
+        return self._decoder.close
 
 
 def channel_pair(

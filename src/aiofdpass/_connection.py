@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -40,6 +41,23 @@ def _check_timeout(value: float) -> float:
     if not value >= 0:
         raise ValueError(f"close_timeout must be 0 or more seconds, got {value}")
     return float(value)
+
+
+class _Finaliser:
+    """Close a collected connection's writer and buffers (on its loop)."""
+
+    __slots__ = ("_close_buffers", "_writer")
+
+    def __init__(
+        self, writer: Writer, close_buffers: Callable[[], None] | None
+    ) -> None:
+        self._writer = writer
+        self._close_buffers = close_buffers
+
+    def __call__(self) -> None:
+        self._writer.close("the connection was garbage-collected without aclose()")
+        if self._close_buffers is not None:
+            self._close_buffers()
 
 
 class Connection(TypedAttributeProvider):
@@ -127,18 +145,34 @@ class Connection(TypedAttributeProvider):
         try:
             await self._writer.aclose()
         finally:
-            if self._transport.closed:
-                self._close_buffers()
+            close_buffers = self._buffers_closer()
+            if self._transport.closed and close_buffers is not None:
+                close_buffers()
 
-    def _close_buffers(self) -> None:
-        """Close what the receiving side holds (a hook for the subclasses)."""
+    def _buffers_closer(self) -> Callable[[], None] | None:
+        """Return what closes the receiving side's buffers (subclasses' hook).
+
+        It must not refer to the connection: a finaliser calls it later.
+        """
+        return None
 
     def __del__(self) -> None:
         transport = getattr(self, "_transport", None)
-        if transport is None or transport.closed:
+        writer = getattr(self, "_writer", None)
+        if transport is None or writer is None or transport.closed:
             return
-        self._writer.close("the connection was garbage-collected without aclose()")
-        self._close_buffers()
+        # The collector may run this in another thread, or in the middle of
+        # the background writer's write: then close on the loop, between
+        # callbacks. (The writer and transport never refer back to the
+        # connection, and nothing else of the library can be running.)
+        close = _Finaliser(writer, self._buffers_closer())
+        driver = transport.driver
+        if (
+            driver is None
+            or (driver.thread == threading.get_ident() and not transport.writing)
+            or not driver.call_threadsafe(close)
+        ):
+            close()
         warnings.warn(
             f"unclosed {type(self).__name__}: close it with aclose() or `async with`",
             ResourceWarning,

@@ -182,6 +182,7 @@ class Transport:
         "recv_state",
         "send_state",
         "sock",
+        "writing",
     )
 
     def __init__(self, sock: socket.socket) -> None:
@@ -200,6 +201,9 @@ class Transport:
         #: and once when receiving breaks (it closes what it buffered).
         self.on_send_break: Callable[[], None] | None = None
         self.on_recv_break: Callable[[], None] | None = None
+        #: ``True`` while :meth:`write_queue` runs (a finaliser must not
+        #: close the queue under it).
+        self.writing = False
 
     # -- state ------------------------------------------------------------
 
@@ -371,19 +375,23 @@ class Transport:
             sending direction is broken then).
         """
         sock = self.sock
-        while queue:
-            buf, pos, fds = queue.peek()
-            try:
-                with memoryview(buf) as view:
-                    sent = sock.sendmsg([view[pos:]], scm_rights(fds), _SEND_FLAGS)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                self._raise_descriptor_error(exc, ())
-                self._raise_translated(exc, "send")
-            if not queue.advance(sent):
-                return False
-        return True
+        self.writing = True
+        try:
+            while queue:
+                buf, pos, fds = queue.peek()
+                try:
+                    with memoryview(buf) as view:
+                        sent = sock.sendmsg([view[pos:]], scm_rights(fds), _SEND_FLAGS)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self._raise_descriptor_error(exc, ())
+                    self._raise_translated(exc, "send")
+                if not queue.advance(sent):
+                    return False
+            return True
+        finally:
+            self.writing = False
 
     async def send_all(self, buffers: list[memoryview], fds: Sequence[int]) -> None:
         """Write every byte of ``buffers``; ``fds`` go with the first ``sendmsg``.

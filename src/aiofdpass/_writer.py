@@ -19,7 +19,7 @@ after another go out together, in one ``sendmsg`` per segment. Only the
 program's own sequence of calls, and the socket's room, decide this.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
-takes before letting go (``Writer._exclusive``). A flush that finds the
+takes before letting go (``_Exclusive``). A flush that finds the
 socket full starts the background writer, a task of the library that takes
 the lock, waits until the queue is written, and ends.
 
@@ -119,15 +119,17 @@ class SendLock:
 
 
 class _Exclusive:
-    """``async with writer._exclusive:`` the lock, and Rule 3 on the way out."""
+    """``async with writer._exclusive():`` the lock, and Rule 3 on the way out."""
 
-    __slots__ = ("_writer",)
+    __slots__ = ("_lock", "_writer")
 
     def __init__(self, writer: Writer) -> None:
         self._writer = writer
+        # The lock of the loop we acquire on (a new loop gets a new lock).
+        self._lock = writer.lock
 
     async def __aenter__(self) -> None:
-        await self._writer.lock.acquire()
+        await self._lock.acquire()
 
     async def __aexit__(
         self,
@@ -137,9 +139,9 @@ class _Exclusive:
     ) -> None:
         writer = self._writer
         try:
-            done = writer.write_now()
+            done = writer.lock is not self._lock or writer.write_now()
         finally:
-            writer.lock.release()
+            self._lock.release()
         if not done:
             writer.start_background()
 
@@ -150,7 +152,6 @@ class Writer:
     __slots__ = (
         "_calls",
         "_closing",
-        "_exclusive",
         "_fd_high_water",
         "_fd_low_water",
         "_flush_pending",
@@ -167,7 +168,6 @@ class Writer:
         self.transport = transport
         self.outbox = Outbox()
         self.lock = SendLock()
-        self._exclusive = _Exclusive(self)
         self.close_timeout = close_timeout
         #: A record was written at once since the connection last received,
         #: waited or flushed: the next small record is queued (Rule 2).
@@ -283,7 +283,7 @@ class Writer:
             await driver.checkpoint()
         outbox = self.outbox
         if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
-            async with self._exclusive:
+            async with _Exclusive(self):
                 await self._drain(full=False)
         try:
             self.send_record(header, payload, numbers, waited=True)
@@ -292,7 +292,7 @@ class Writer:
             # until the queue is written, then try once more.
             if exc.errno not in (errno.EMFILE, errno.ENFILE) or not outbox:
                 raise
-            async with self._exclusive:
+            async with _Exclusive(self):
                 await self._drain(full=True)
             self.send_record(header, payload, numbers, waited=True)
 
@@ -306,7 +306,7 @@ class Writer:
         self, buffers: list[memoryview], numbers: list[int]
     ) -> None:
         transport = self.transport
-        async with self._exclusive:
+        async with _Exclusive(self):
             # A cancelled caller must not write a first byte.
             await anyio.lowlevel.checkpoint_if_cancelled()
             transport.check_send()
@@ -320,7 +320,7 @@ class Writer:
         await driver.checkpoint()
         if transport.send_state is SHUT:
             return
-        async with self._exclusive:
+        async with _Exclusive(self):
             if transport.send_state is SHUT:
                 return
             transport.check_send()
@@ -353,7 +353,7 @@ class Writer:
             if self.outbox and transport.send_state is OPEN:
                 self._closing = True
                 with anyio.move_on_after(self.close_timeout) as scope:
-                    async with self._exclusive:
+                    async with _Exclusive(self):
                         await self._drain(full=True)
                 if scope.cancelled_caught:
                     self.close(
@@ -365,10 +365,12 @@ class Writer:
         finally:
             self.close("the channel was closed before they were written")
             if self.background or driver.busy:
-                # Closing woke the library's own tasks; they end at once.
+                # Closing woke the library's own tasks; they end at once, or
+                # after the pause of an ETOOMANYREFS retry (at most 0.1 s).
                 with anyio.CancelScope(shield=True):
+                    await driver.checkpoint()
                     while self.background or driver.busy:
-                        await driver.checkpoint()
+                        await driver.sleep(0.001)
         await driver.checkpoint()
 
     def close(self, reason: str) -> None:
@@ -409,21 +411,23 @@ class Writer:
             return
         driver = self.transport.driver
         assert driver is not None
-        self.background = True
         driver.spawn(self._background)
+        self.background = True
 
     async def _background(self) -> None:
         """Run the background writer: take the lock, write the whole queue, end."""
         try:
-            async with self._exclusive:
+            async with _Exclusive(self):
                 await self._drain(full=True)
-        except (KeyboardInterrupt, SystemExit):  # pragma: no cover
-            raise
-        except BaseException:
-            # An error is recorded on the transport (the next call raises
-            # it); a cancellation means the event loop is ending, and the
-            # queue waits for the channel's next use.
-            pass
+        except (BrokenResourceError, ClosedResourceError):
+            pass  # recorded on the transport: the next call raises it
+        except Exception:  # pragma: no cover - a bug; the next call retries
+            logger.exception("aiofdpass background writer failed")
+        except BaseException as exc:
+            # A cancellation: the event loop is ending, and the queue waits
+            # for the channel's next use.
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
         finally:
             self.background = False
 
