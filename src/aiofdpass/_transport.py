@@ -14,6 +14,7 @@ import fcntl
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -148,6 +149,9 @@ SHUT = "shut down"
 BROKEN = "broken"
 CLOSED = "closed"
 
+# Serialises the slow path of Transport.enter (a socket changing loops).
+_ENTER_LOCK = threading.Lock()
+
 # What a call on a direction in that state raises: (class, message, cause).
 _Failure = tuple[type[Exception], str, BaseException | None]
 _CLOSED: _Failure = (ClosedResourceError, "this channel was closed with aclose()", None)
@@ -221,11 +225,13 @@ class Transport:
         old = self.driver
         if old is not None and old.is_current():
             return old
-        driver = current_driver(self.sock, old)
-        if driver is not old:
-            self.driver = driver
-            if old is not None and self.on_new_loop is not None:
-                self.on_new_loop()
+        with _ENTER_LOCK:  # two threads' first calls: one loop wins
+            old = self.driver
+            driver = current_driver(self.sock, old)
+            if driver is not old:
+                self.driver = driver
+                if old is not None and self.on_new_loop is not None:
+                    self.on_new_loop()
         return driver
 
     def check_send(self) -> None:
