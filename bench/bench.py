@@ -28,19 +28,33 @@ WORKER = str(HERE / "workers.py")
 IMPLS = [
     "stdlib",
     "anyio-asyncio",
+    "anyio-uvloop",
     "anyio-trio",
     "aiofdpass-asyncio",
     "aiofdpass-uvloop",
     "aiofdpass-trio",
+    "floor-asyncio",
+    "floor-uvloop",
+    "floor-trio",
 ]
 LABELS = {
     "stdlib": "(a) stdlib blocking",
     "anyio-asyncio": "(b) anyio asyncio",
+    "anyio-uvloop": "(b) anyio uvloop",
     "anyio-trio": "(b) anyio trio",
     "aiofdpass-asyncio": "aiofdpass asyncio",
     "aiofdpass-uvloop": "aiofdpass uvloop",
     "aiofdpass-trio": "aiofdpass trio",
+    "floor-asyncio": "(c) floor asyncio",
+    "floor-uvloop": "(c) floor uvloop",
+    "floor-trio": "(c) floor trio",
+    "base-asyncio": "baseline asyncio",
+    "base-uvloop": "baseline uvloop",
+    "base-trio": "baseline trio",
 }
+# The floors (bench/floors.py: the event loop alone, no library) exist for
+# these workloads only.
+FLOORS = {"floor-asyncio": {"w2", "w4"}, "floor-uvloop": {"w2"}, "floor-trio": {"w2"}}
 WORKLOADS = {
     # name: (title, unit, full count, quick count)
     "w1": ("W1 one-way 64 B + 1 fd", "records/s", 200_000, 20_000),
@@ -52,9 +66,19 @@ WORKLOADS = {
 TIMEOUT = 600
 
 
-def run_once(impl: str, workload: str, n: int) -> dict[str, Any]:
+def applies(impl: str, workload: str) -> bool:
+    """Whether ``impl`` runs ``workload`` (a floor exists only for some)."""
+    return impl not in FLOORS or workload in FLOORS[impl]
+
+
+def run_once(
+    impl: str, workload: str, n: int, baseline_src: str | None = None
+) -> dict[str, Any]:
     """Run one sender/receiver pair; return the timed side's report."""
     env = dict(os.environ)
+    if impl.startswith("base-"):
+        assert baseline_src, "base-* implementations need --baseline-src"
+        env["PYTHONPATH"] = baseline_src
     cmd = [sys.executable, WORKER, impl, workload]
     if workload == "w5":
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,10 +141,17 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--plot", type=Path, help="draw the ratios (needs matplotlib)")
+    parser.add_argument(
+        "--baseline-src",
+        help="also run base-asyncio/uvloop/trio: aiofdpass from this src directory "
+        "(e.g. a worktree of the previous release), for before/after in one run",
+    )
     args = parser.parse_args()
     reps = args.reps or (1 if args.quick else 5)
     workloads = args.workloads.split(",")
     impls = args.impls.split(",")
+    if args.baseline_src:
+        impls += ["base-asyncio", "base-uvloop", "base-trio"]
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {
         w: {i: [] for i in impls} for w in workloads
     }
@@ -131,7 +162,9 @@ def main() -> None:
             # Rotate the order each repetition: nobody always goes first.
             order = impls[rep % len(impls) :] + impls[: rep % len(impls)]
             for impl in order:
-                result = run_once(impl, w, n)
+                if not applies(impl, w):
+                    continue
+                result = run_once(impl, w, n, args.baseline_src)
                 result["rate"] = result["units"] / result["elapsed"]
                 raw[w][impl].append(result)
                 print(
@@ -142,6 +175,7 @@ def main() -> None:
                 )
     summary = summarize(raw, impls)
     print_table(summary, impls, reps, args.quick)
+    print_targets(summary)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -177,6 +211,8 @@ def summarize(
         )
         for impl in impls:
             rates = [r["rate"] for r in by_impl[impl]]
+            if not rates:
+                continue
             med = statistics.median(rates)
             summary[w][impl] = {
                 "median": med,
@@ -199,6 +235,9 @@ def print_table(
     for w, by_impl in summary.items():
         cells = []
         for impl in impls:
+            if impl not in by_impl:
+                cells.append("-")
+                continue
             s = by_impl[impl]
             ratio = f" **{s['ratio']:.2f}x**" if s["ratio"] is not None else ""
             cells.append(f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])}){ratio}")
@@ -206,9 +245,43 @@ def print_table(
     for w in ("w1", "w3"):
         if w in summary:
             rss = ", ".join(
-                f"{LABELS[i]} {summary[w][i]['rss_kib'] / 1024:.0f} MiB" for i in impls
+                f"{LABELS[i]} {summary[w][i]['rss_kib'] / 1024:.0f} MiB"
+                for i in impls
+                if i in summary[w]
             )
             print(f"\npeak receiver RSS {w.upper()}: {rss}")
+
+
+def ratio(summary: dict[str, Any], w: str, impl: str, other: str) -> str:
+    """``impl``'s median over ``other``'s in workload ``w``, if both ran."""
+    by_impl = summary.get(w, {})
+    if impl not in by_impl or other not in by_impl:
+        return "-"
+    return f"{by_impl[impl]['median'] / by_impl[other]['median']:.2f}x"
+
+
+def print_targets(summary: dict[str, Any]) -> None:
+    """The ratios the performance targets are stated in (same run)."""
+    print("\nratios from this run:\n")
+    print("| loop | W1 / (a) | W1 / anyio | W2 / floor | W2 / anyio | W4 / anyio |")
+    print("|---|---|---|---|---|---|")
+    for loop in ("asyncio", "uvloop", "trio"):
+        ours, anyio_, floor = f"aiofdpass-{loop}", f"anyio-{loop}", f"floor-{loop}"
+        print(
+            f"| {loop} | {ratio(summary, 'w1', ours, 'stdlib')} "
+            f"| {ratio(summary, 'w1', ours, anyio_)} "
+            f"| {ratio(summary, 'w2', ours, floor)} "
+            f"| {ratio(summary, 'w2', ours, anyio_)} "
+            f"| {ratio(summary, 'w4', ours, anyio_)} |"
+        )
+    if any(k.startswith("base-") for w in summary.values() for k in w):
+        print("\nagainst the baseline source (same run):\n")
+        for w in summary:
+            cells = [
+                f"{loop} {ratio(summary, w, f'aiofdpass-{loop}', f'base-{loop}')}"
+                for loop in ("asyncio", "uvloop", "trio")
+            ]
+            print(f"- {WORKLOADS[w][0]}: " + ", ".join(cells))
 
 
 def plot(summary: dict[str, Any], impls: list[str], path: Path) -> None:
@@ -221,7 +294,7 @@ def plot(summary: dict[str, Any], impls: list[str], path: Path) -> None:
     width = 0.8 / len(impls)
     workloads = list(summary)
     for k, impl in enumerate(impls):
-        ratios = [summary[w][impl]["ratio"] or 0 for w in workloads]
+        ratios = [summary[w].get(impl, {}).get("ratio") or 0 for w in workloads]
         ax.bar(
             [x + k * width for x in range(len(workloads))],
             ratios,

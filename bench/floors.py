@@ -57,10 +57,12 @@ async def asyncio_recv(
                 loop.remove_reader(sock.fileno())
 
 
-async def asyncio_pingpong(sock: socket.socket, role: str) -> float:
+async def asyncio_pingpong(
+    sock: socket.socket, role: str, n: int = N_PINGPONG
+) -> float:
     sock.setblocking(False)
     start = time.perf_counter()
-    for _ in range(N_PINGPONG):
+    for _ in range(n):
         if role == "ping":
             sock.sendmsg([b"x" * 64], rights(PASSED_FD))
             close_all((await asyncio_recv(sock))[1])
@@ -71,7 +73,7 @@ async def asyncio_pingpong(sock: socket.socket, role: str) -> float:
     return time.perf_counter() - start
 
 
-async def trio_pingpong(sock: socket.socket, role: str) -> float:
+async def trio_pingpong(sock: socket.socket, role: str, n: int = N_PINGPONG) -> float:
     import trio
 
     sock.setblocking(False)
@@ -85,7 +87,7 @@ async def trio_pingpong(sock: socket.socket, role: str) -> float:
                 await trio.lowlevel.wait_readable(sock)
 
     start = time.perf_counter()
-    for _ in range(N_PINGPONG):
+    for _ in range(n):
         if role == "ping":
             sock.sendmsg([b"x" * 64], rights(PASSED_FD))
             close_all((await recv())[1])
@@ -96,10 +98,10 @@ async def trio_pingpong(sock: socket.socket, role: str) -> float:
     return time.perf_counter() - start
 
 
-async def asyncio_many_fds(sock: socket.socket, mode: str) -> float:
+async def asyncio_many_fds(sock: socket.socket, mode: str, n: int = N_MANY) -> float:
     sock.setblocking(False)
     start = 0.0
-    for _ in range(N_MANY):
+    for _ in range(n):
         _, anc = await asyncio_recv(sock)
         start = start or time.perf_counter()
         for _, _, data in anc:
@@ -112,7 +114,7 @@ async def asyncio_many_fds(sock: socket.socket, mode: str) -> float:
             else:
                 for fd in fds:
                     os.close(fd)
-    return N_MANY * 64 / (time.perf_counter() - start)
+    return n * 64 / (time.perf_counter() - start)
 
 
 def child(kind: str, role: str, fd: int) -> None:

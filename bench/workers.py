@@ -7,6 +7,7 @@ done, peak RSS.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -345,14 +346,49 @@ PATH = os.environ.get("BENCH_SOCKET_PATH", "")
 PASSED_FD, _PIPE_WRITE_END = os.pipe()
 
 
+# -- floors: the event loop alone (bench/floors.py) ---------------------------
+
+
+def floor(loop: str, workload: str, role: str, fd: int, n: int) -> None:
+    """W2: the bare-loop ping-pong; W4: a bare asyncio receiver (close_range)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import floors
+
+    sock = socket.socket(fileno=fd)
+    if workload == "w4":
+        if role == "send":
+            stdlib(workload, role, sock.detach(), n)
+            return
+        fds_per_s = asyncio.run(floors.asyncio_many_fds(sock, "close_range", n))
+        report(n * 64 / fds_per_s, n * 64)
+        return
+    floor_role = "ping" if role == "pingpong" else "echo"
+    if loop == "trio":
+        import trio
+
+        elapsed = trio.run(floors.trio_pingpong, sock, floor_role, n)
+    elif loop == "uvloop":
+        import uvloop
+
+        elapsed = uvloop.run(floors.asyncio_pingpong(sock, floor_role, n))
+    else:
+        elapsed = asyncio.run(floors.asyncio_pingpong(sock, floor_role, n))
+    if role == "pingpong":
+        report(elapsed, n)
+
+
 def main() -> None:
     impl, workload, role, fd, n = sys.argv[1:6]
     if impl == "stdlib":
         stdlib(workload, role, int(fd), int(n))
         return
     family, _, loop = impl.partition("-")
+    if family == "floor":
+        floor(loop, workload, role, int(fd), int(n))
+        return
     backend = "trio" if loop == "trio" else "asyncio"
     options = {"use_uvloop": True} if loop == "uvloop" else {}
+    # "base" is aiofdpass from another source tree (bench.py --baseline-src).
     func = anyio_impl if family == "anyio" else aiofdpass_impl
     anyio.run(
         func, workload, role, int(fd), int(n), backend=backend, backend_options=options

@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 import anyio
+import anyio.lowlevel
 
 import aiofdpass
 from aiofdpass import DescriptorsLostError, FdChannel, LimitError
@@ -98,13 +99,14 @@ async def too_many_refs_queued(chan: FdChannel) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
     await chan.send(b"big", [r] * 253)  # direct: 253 in flight, under 300
-    # Isolated sends of 16: the kernel checks the count in flight before
-    # adding, so the fourth (301 > 300 in flight) meets ETOOMANYREFS.
+    # Records written at once: each follows a wait for the event loop with
+    # nothing queued (the "n" record, queued behind it, is flushed by the
+    # loop). The kernel checks the count in flight before adding, so the
+    # fourth (301 > 300 in flight) meets ETOOMANYREFS: queued, not refused.
     for i in range(4):
-        await anyio.sleep(0.01)
-        await chan.send(b"iso%d" % i, [r] * 16)  # and is queued, not refused
-    while not chan._outbox:  # until a send lands in a burst (queued)
+        await chan.send(b"iso%d" % i, [r] * 16)
         await chan.send(b"n")
+        await anyio.lowlevel.checkpoint()
     for i in range(16):  # 16 x 16 fds queued, more than the limit allows
         await chan.send(b"small%d" % i, [r] * 16)
     print("queued", flush=True)  # the parent starts receiving only now

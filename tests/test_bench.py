@@ -29,16 +29,24 @@ def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| W2 ping-pong" in result.stdout
+    assert "| trio | " in result.stdout  # the ratios the targets use
     data = json.loads(out.read_text())
     for workload in ("w2", "w4"):
         impls = data["summary"][workload]
+        floors = (
+            {"floor-asyncio", "floor-uvloop", "floor-trio"}
+            if workload == "w2"
+            else {"floor-asyncio"}
+        )
         assert set(impls) == {
             "stdlib",
             "anyio-asyncio",
+            "anyio-uvloop",
             "anyio-trio",
             "aiofdpass-asyncio",
             "aiofdpass-uvloop",
             "aiofdpass-trio",
+            *floors,
         }
         assert all(s["median"] > 0 for s in impls.values())
         assert impls["stdlib"]["ratio"] == 1.0

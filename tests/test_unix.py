@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -223,9 +224,8 @@ async def test_paths_longer_than_sun_path(tmp_path: Path) -> None:
 
 
 async def test_serve_closes_a_channel_whose_peer_never_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(aiofdpass._unix, "SERVE_CLOSE_TIMEOUT", 0.2)
     path = tmp_path / "s.sock"
     finished = anyio.Event()
 
@@ -238,7 +238,7 @@ async def test_serve_closes_a_channel_whose_peer_never_reads(
         finished.set()
 
     async with (
-        await aiofdpass.listen(path) as listener,
+        await aiofdpass.listen(path, close_timeout=0.2) as listener,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(listener.serve, handler)
@@ -250,3 +250,5 @@ async def test_serve_closes_a_channel_whose_peer_never_reads(
                 while len(os.listdir("/proc/self/fd")) >= before:  # noqa: ASYNC110
                     await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
+    # ... and said how many records it dropped.
+    assert re.search(r"dropped \d+ queued record", caplog.text)

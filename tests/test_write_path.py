@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import socket
+from typing import Any
 
 import anyio
 import pytest
@@ -16,6 +17,7 @@ from anyio.abc import SocketAttribute
 from aiofdpass import FdChannel, channel_pair
 from aiofdpass._codec import encode_header
 from aiofdpass._outbox import Outbox
+from aiofdpass._writer import SendLock
 
 from .helpers import identity, pipe, small_buffers
 
@@ -58,8 +60,7 @@ async def test_a_partly_written_record_never_lends_its_tail_to_later_fds() -> No
     small_buffers(raw(a), raw(b))
     with pipe() as (r, _):
         async with a, b:
-            await anyio.sleep(0.01)  # make the next send an isolated one
-            await a.send(b"A" * 60_000, [r] * 16)
+            await a.send(b"A" * 60_000, [r] * 16)  # the first: written at once
             for i in range(15):
                 await a.send(b"b%d" % i, [r] * 16)
             for i in range(16):
@@ -109,7 +110,7 @@ async def test_queued_descriptors_are_bounded() -> None:
                     await a.send(b"", [r])
                     returned += 1
             assert scope.cancelled_caught
-            budget = a._fd_high_water  # 1024, or less under a low RLIMIT
+            budget = a._writer._fd_high_water  # 1024, or less under a low RLIMIT
             assert budget <= returned < budget + 50
             assert len(os.listdir("/proc/self/fd")) - before < budget + 50
 
@@ -230,6 +231,109 @@ def test_the_descriptor_budget_follows_rlimit_nofile() -> None:
         a, b = channel_pair()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert a._fd_high_water == 64  # an eighth of 512, not 1024
-    a._transport.sock.close()
-    b._transport.sock.close()
+    assert a._writer._fd_high_water == 64  # an eighth of 512, not 1024
+    a._transport.close()
+    b._transport.close()
+
+
+class Counting(socket.socket):
+    """A socket that counts its ``sendmsg`` calls."""
+
+    calls = 0
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        self.calls += 1
+        return super().sendmsg(*args, **kwargs)
+
+
+def counting_pair() -> tuple[Counting, FdChannel, FdChannel]:
+    """A channel pair whose first end counts its writes (room for all)."""
+    sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sa.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    counting = Counting(fileno=sa.detach())
+    return counting, FdChannel.from_socket(counting), FdChannel.from_socket(sb)
+
+
+async def test_records_sent_one_after_another_go_out_together() -> None:
+    # Rule 2: the first is written at once; the nine sent without waiting
+    # are queued and written in one sendmsg when the loop runs its callbacks.
+    counting, a, b = counting_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            for i in range(10):
+                await a.send(b"r%d" % i, [r])
+            assert counting.calls == 1
+            await anyio.wait_all_tasks_blocked()
+            assert counting.calls == 2
+            for i in range(10):
+                with await b.receive() as msg:
+                    assert msg.data == b"r%d" % i
+                    assert [identity(fd.fileno()) for fd in msg.fds] == [identity(r)]
+
+
+async def test_a_reply_after_a_receive_goes_out_at_once() -> None:
+    # Request/response: a receive ends a burst, so each reply is written by
+    # its own send, before send returns.
+    counting, a, b = counting_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            for i in range(5):
+                await b.send(b"q%d" % i)
+                assert (await a.receive()).data == b"q%d" % i
+                await a.send(b"a%d" % i, [r])
+                assert counting.calls == i + 1
+                (await b.receive()).close()
+
+
+async def test_a_receive_writes_the_queue_before_it_reads() -> None:
+    counting, a, b = counting_pair()
+    async with a, b:
+        for i in range(3):
+            await a.send(b"r%d" % i)  # one written, two queued
+        await b.send(b"ping")
+        assert counting.calls == 1
+        assert (await a.receive()).data == b"ping"  # data was there: no wait
+        assert counting.calls == 2
+        assert [(await b.receive()).data for _ in range(3)] == [b"r0", b"r1", b"r2"]
+
+
+async def test_a_large_send_waits_for_the_lock_behind_another() -> None:
+    # Our own FIFO lock: the second large record waits, whole, behind the
+    # first (records never interleave on the wire).
+    a, b = channel_pair()
+    async with a, b, anyio.create_task_group() as tg:
+        small_buffers(raw(a), raw(b))
+        tg.start_soon(a.send, b"L" * 200_000)  # holds the lock, socket full
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(a.send, b"M" * 100_000)  # waits for the lock
+        await anyio.wait_all_tasks_blocked()
+        assert (await b.receive()).data == b"L" * 200_000
+        assert (await b.receive()).data == b"M" * 100_000
+
+
+async def test_a_waiter_handed_the_lock_and_cancelled_passes_it_on() -> None:
+    # The lock passes straight to the next waiter on release; if that waiter
+    # is cancelled before it runs, it must hand the lock on, not strand it.
+    lock = SendLock()
+    await lock.acquire()
+    order: list[str] = []
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await lock.acquire()
+            order.append(name)
+            lock.release()
+
+    async with anyio.create_task_group() as tg:
+        b_scope, c_scope = anyio.CancelScope(), anyio.CancelScope()
+        tg.start_soon(waiter, "b", b_scope)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(waiter, "c", c_scope)
+        await anyio.wait_all_tasks_blocked()
+        b_scope.cancel()  # b is cancelled but has not run yet ...
+        lock.release()  # ... so the lock is handed to it
+        with anyio.fail_after(5):
+            while not order:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert order == ["c"]
+    await lock.acquire()  # free again

@@ -1,58 +1,429 @@
-"""The two things anyio does not offer and the write path needs, per event loop.
+"""The one seam below anyio: each event loop's own primitives, per socket.
 
-``call_soon`` runs a plain callback on the next loop iteration (the deferred
-flush); ``spawn`` starts a detached task that outlives the caller (the
-flusher that waits for a full socket to drain). The rest of the library uses
-anyio only.
+Everything in aiofdpass that reaches into asyncio or trio directly lives
+here. A :class:`Driver` serves one socket on one running event loop: its
+readiness waits (which :meth:`Driver.notify_closing` wakes with
+:class:`anyio.ClosedResourceError`), a plain callback on the loop's next
+iteration, a task that the library starts itself (the background writer),
+a checkpoint and a sleep. :func:`current_driver` finds the running loop and
+keeps a socket on one loop at a time.
+
+Why not anyio for these: a callback scheduled with ``call_soon`` runs
+outside any task, where anyio cannot tell which library is running (under a
+plain ``asyncio.run`` its ``current_token()`` fails there); and on asyncio a
+wait on a future with ``add_reader`` costs about half of anyio's generic
+wait, which ping-pong traffic pays once per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
+import contextlib
+import logging
+import socket
+import sys
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import anyio.lowlevel
+from anyio import ClosedResourceError
 
-__all__ = ["LoopHooks", "current_hooks"]
-
-_background: set[asyncio.Task[None]] = set()
-
-
-class LoopHooks:
-    """``call_soon`` and ``spawn`` for the running event loop."""
-
-    __slots__ = ("call_soon", "spawn")
-
-    def __init__(
-        self,
-        call_soon: Callable[[Callable[[], object]], object],
-        spawn: Callable[[Callable[[], Awaitable[None]]], None],
-    ) -> None:
-        self.call_soon = call_soon
-        self.spawn = spawn
-
-
-def current_hooks() -> LoopHooks:
-    """Return the hooks for the event loop running in this thread."""
-    native = anyio.lowlevel.current_token().native_token
-    if isinstance(native, asyncio.AbstractEventLoop):
-        loop = native
-
-        def spawn_asyncio(fn: Callable[[], Awaitable[None]]) -> None:
-            async def run() -> None:
-                await fn()
-
-            task = loop.create_task(run())
-            _background.add(task)  # keep it alive until it is done
-            task.add_done_callback(_background.discard)
-
-        return LoopHooks(loop.call_soon, spawn_asyncio)
-
+if TYPE_CHECKING:
     import trio
 
-    assert isinstance(native, trio.lowlevel.TrioToken)
+__all__ = ["Driver", "current_driver", "running_asyncio_loop"]
 
-    def spawn_trio(fn: Callable[[], Awaitable[None]]) -> None:
+logger = logging.getLogger("aiofdpass")
+
+#: The running asyncio loop, or ``None`` (on trio, or with no loop): the
+#: cheapest test that a socket is still used from the same asyncio loop.
+running_asyncio_loop = asyncio._get_running_loop
+_get_running_loop = running_asyncio_loop
+
+
+def _closed_while_waiting() -> ClosedResourceError:
+    return ClosedResourceError("this channel was closed with aclose() while waiting")
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _noop() -> None:
+    pass
+
+
+class Driver:
+    """One socket's waits, callbacks and tasks on one running event loop."""
+
+    __slots__ = ("native", "sock", "thread")
+
+    #: The loop's identity: the asyncio loop, or the trio run's token.
+    native: object
+
+    def __init__(self, native: object, sock: socket.socket) -> None:
+        self.native = native
+        self.sock = sock
+        #: The thread the loop runs in.
+        self.thread = threading.get_ident()
+
+    def running(self) -> bool:
+        """Whether the loop is still running (from any thread)."""
+        raise NotImplementedError
+
+    def is_current(self) -> bool:
+        """Whether this is the loop running in this thread (the fast path)."""
+        raise NotImplementedError
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` soon, when the loop next runs its callbacks or tasks."""
+        raise NotImplementedError
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Start ``fn()`` as a task of the library's own; it must not raise."""
+        raise NotImplementedError
+
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn()`` on the loop soon, from any thread (a finaliser's).
+
+        Returns ``False`` if the loop no longer runs: nothing was scheduled.
+        """
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        """Yield to the event loop once (a cancellation point)."""
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep (a cancellation point)."""
+        raise NotImplementedError
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket is readable."""
+        raise NotImplementedError
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more bytes."""
+        raise NotImplementedError
+
+    def notify_closing(self) -> None:
+        """Wake every wait on the socket with ClosedResourceError; it closes next."""
+        raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        """Whether a task of the driver's own still runs."""
+        return False
+
+
+class _AsyncioDriver(Driver):
+    """asyncio and uvloop: futures woken by ``add_reader``/``add_writer``.
+
+    The reader stays registered between waits, so a ping-pong exchange does
+    not pay an ``epoll_ctl`` pair (and asyncio's bookkeeping for it) on
+    every message; it is unregistered once the socket was reported readable
+    twice with nobody waiting, so data left unread does not keep the loop
+    busy. A readiness report is level-triggered: one that is ignored or
+    stale comes again, or the data is gone.
+    """
+
+    __slots__ = (
+        "_idle_reports",
+        "_read_waiter",
+        "_reading",
+        "_skip",
+        "_stale_reports",
+        "_task",
+        "_write_waiter",
+    )
+
+    native: asyncio.AbstractEventLoop
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        super().__init__(loop, sock)
+        self._read_waiter: asyncio.Future[None] | None = None
+        # The library's own task, referenced here (asyncio keeps only weak
+        # references); dropped with the driver when the loop is left.
+        self._task: asyncio.Task[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._reading = False
+        self._idle_reports = 0
+        # asyncio's own loop polls before it runs the task it woke, so the
+        # report after a wake-up predates the read that task then makes:
+        # ignore it (uvloop runs the task before polling again).
+        self._stale_reports = isinstance(loop, asyncio.BaseEventLoop) and isinstance(
+            loop, asyncio.selector_events.BaseSelectorEventLoop
+        )
+        self._skip = False
+
+    def running(self) -> bool:
+        return self.native.is_running()
+
+    def is_current(self) -> bool:
+        return _get_running_loop() is self.native
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        self.native.call_soon(fn)
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        async def run() -> None:
+            await fn()
+
+        self._task = self.native.create_task(run())
+
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        loop = self.native
+        if not loop.is_running():
+            return False
+        try:
+            loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # closed meanwhile
+            return False
+        return True
+
+    async def checkpoint(self) -> None:
+        await asyncio.sleep(0)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def wait_readable(self) -> None:
+        loop = self.native
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise _closed_while_waiting()
+        fut = self._read_waiter = loop.create_future()
+        if not self._reading:
+            loop.add_reader(fd, self._on_readable)
+            self._reading = True
+        try:
+            await fut
+        finally:
+            self._read_waiter = None
+
+    def _on_readable(self) -> None:
+        if self._skip:
+            self._skip = False
+            return
+        fut = self._read_waiter
+        if fut is None or fut.done():
+            self._idle_reports += 1
+            if self._idle_reports > 1:
+                self._stop_reading()
+            return
+        self._idle_reports = 0
+        fut.set_result(None)
+        self._skip = self._stale_reports
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._idle_reports = 0
+            self._skip = False
+            if not self.native.is_closed():
+                self.native.remove_reader(self.sock.fileno())
+
+    async def wait_writable(self) -> None:
+        loop = self.native
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise _closed_while_waiting()
+        fut = self._write_waiter = loop.create_future()
+        loop.add_writer(fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            if self._write_waiter is fut:  # notify_closing did not run
+                self._write_waiter = None
+                loop.remove_writer(fd)
+
+    def notify_closing(self) -> None:
+        # Unregister the descriptor before it is closed (uvloop aborts on a
+        # closed one), then wake the waiters.
+        self._stop_reading()
+        read, write = self._read_waiter, self._write_waiter
+        self._read_waiter = self._write_waiter = None
+        if write is not None and not self.native.is_closed():
+            self.native.remove_writer(self.sock.fileno())
+        for fut in (read, write):
+            if fut is not None and not fut.done():
+                fut.set_exception(_closed_while_waiting())
+
+
+class _TrioDriver(Driver):
+    """trio: its own readiness waits, and system tasks.
+
+    ``call_soon`` hands callbacks to a system task of the socket's own that
+    sleeps between them and is woken with ``reschedule``: unlike
+    ``run_sync_soon`` this costs no wake-up syscall, and it runs in the
+    scheduler's own order. ``notify_closing`` ends that task.
+    """
+
+    __slots__ = ("_closing", "_parked", "_pending", "_runner")
+
+    native: trio.lowlevel.TrioToken
+
+    def __init__(self, native: object, sock: socket.socket) -> None:
+        super().__init__(native, sock)
+        self._pending: deque[Callable[[], object]] = deque()
+        self._runner = False
+        self._parked: trio.lowlevel.Task | None = None
+        self._closing = False
+
+    def running(self) -> bool:
+        import trio
+
+        try:
+            self.native.run_sync_soon(_noop)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def is_current(self) -> bool:
+        import trio
+
+        try:
+            return trio.lowlevel.current_trio_token() is self.native
+        except RuntimeError:
+            return False
+
+    def call_threadsafe(self, fn: Callable[[], object]) -> bool:
+        import trio
+
+        try:
+            self.native.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        import trio
+
+        self._pending.append(fn)
+        if not self._runner:
+            self._runner = True
+            trio.lowlevel.spawn_system_task(self._run_callbacks)
+        elif self._parked is not None:
+            task, self._parked = self._parked, None
+            trio.lowlevel.reschedule(task)
+
+    async def _run_callbacks(self) -> None:
+        import trio
+
+        try:
+            while True:
+                while self._pending:
+                    try:
+                        self._pending.popleft()()
+                    except Exception:  # a bug: never let it end the trio run
+                        logger.exception("aiofdpass callback failed")
+                if self._closing:
+                    return
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+        finally:
+            self._runner = False
+            self._parked = None
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        import trio
+
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    @property
+    def busy(self) -> bool:
+        return self._runner
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        import trio
+
         trio.lowlevel.spawn_system_task(fn)
 
-    return LoopHooks(native.run_sync_soon, spawn_trio)
+    async def checkpoint(self) -> None:
+        import trio
+
+        await trio.lowlevel.checkpoint()
+
+    async def sleep(self, seconds: float) -> None:
+        import trio
+
+        await trio.sleep(seconds)
+
+    async def wait_readable(self) -> None:
+        import trio
+
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError:
+            raise _closed_while_waiting() from None
+
+    async def wait_writable(self) -> None:
+        import trio
+
+        try:
+            await trio.lowlevel.wait_writable(self.sock)
+        except trio.ClosedResourceError:
+            raise _closed_while_waiting() from None
+
+    def notify_closing(self) -> None:
+        import trio
+
+        self._closing = True
+        # Outside this trio run (RuntimeError) nobody can be waiting.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.notify_closing(self.sock)
+            if self._parked is not None:
+                task, self._parked = self._parked, None
+                trio.lowlevel.reschedule(task)
+
+
+def _running_trio_token() -> object | None:
+    if "trio" not in sys.modules:
+        return None
+    import trio
+
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
+
+
+def current_driver(sock: socket.socket, owner: Driver | None) -> Driver:
+    """Return the driver for ``sock`` on the event loop running in this thread.
+
+    ``owner`` is the driver the socket used last: it is returned as it is
+    when that loop is the running one. A socket moves to the running loop
+    only once ``owner``'s loop has stopped.
+
+    :raises RuntimeError: with no running event loop, or while ``owner``'s
+        loop still runs (in another thread).
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        if owner is not None and owner.native is loop:
+            return owner
+        native: object = loop
+    else:
+        token = _running_trio_token()
+        if token is None:
+            raise RuntimeError(
+                "no running event loop: await aiofdpass calls from code run "
+                "by asyncio, uvloop or trio"
+            )
+        if owner is not None and owner.native is token:
+            return owner
+        native = token
+    if owner is not None and owner.running():
+        raise RuntimeError(
+            "this channel is in use by another event loop that is still "
+            "running (in another thread): a channel belongs to one event loop "
+            "at a time. Use it from that loop (e.g. with "
+            "anyio.from_thread.run), or give each loop its own channel"
+        )
+    if isinstance(native, asyncio.AbstractEventLoop):
+        return _AsyncioDriver(native, sock)
+    return _TrioDriver(native, sock)

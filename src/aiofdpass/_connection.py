@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import socket
+import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import anyio
 from anyio import ClosedResourceError, TypedAttributeProvider
 from anyio.abc import SocketAttribute
-from anyio.lowlevel import checkpoint
 
 from ._credentials import FdPassAttribute, PeerCredentials, peer_credentials_of
 from ._transport import Transport
+from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 
 __all__ = ["Connection", "adopt_fd"]
 
@@ -34,18 +35,58 @@ def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
         raise
 
 
+def _check_timeout(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"close_timeout must be a number of seconds, not {value!r}")
+    if not value >= 0:
+        raise ValueError(f"close_timeout must be 0 or more seconds, got {value}")
+    return float(value)
+
+
+class _Finaliser:
+    """Close a collected connection's writer and buffers (on its loop)."""
+
+    __slots__ = ("_close_buffers", "_writer")
+
+    def __init__(
+        self, writer: Writer, close_buffers: Callable[[], None] | None
+    ) -> None:
+        self._writer = writer
+        self._close_buffers = close_buffers
+
+    def __call__(self) -> None:
+        self._writer.close("the connection was garbage-collected without aclose()")
+        if self._close_buffers is not None:
+            self._close_buffers()
+
+
 class Connection(TypedAttributeProvider):
     """A connected AF_UNIX stream socket owned by a channel or stream."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    ) -> None:
+        timeout = _check_timeout(close_timeout)
         self._transport = Transport(sock)
-        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._writer = Writer(self._transport, timeout)
         self._peer_credentials: PeerCredentials | None = None
 
     @property
     def closed(self) -> bool:
         """``True`` once :meth:`aclose` was called."""
         return self._transport.closed
+
+    @property
+    def close_timeout(self) -> float:
+        """How long :meth:`aclose` waits for queued records, in seconds (default 10).
+
+        Settable; 0 closes at once, dropping (and logging) what is queued.
+        """
+        return self._writer.close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, value: float) -> None:
+        self._writer.close_timeout = _check_timeout(value)
 
     def fileno(self) -> int:
         """Return the underlying socket's descriptor (``-1`` once closed).
@@ -74,31 +115,70 @@ class Connection(TypedAttributeProvider):
         return self._peer_credentials
 
     async def send_eof(self) -> None:
-        """Shut down the sending side; the peer receives end of stream.
+        """Write what is queued, then shut down the sending side.
 
+        The peer receives end of stream after the last record or byte.
         Receiving still works. Later sends raise
-        :class:`anyio.ClosedResourceError`.
+        :class:`anyio.ClosedResourceError`. Calling it again does nothing.
 
-        :raises anyio.ClosedResourceError: after :meth:`aclose`, or if the
-            sending side was already shut down.
+        :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: if the connection failed.
+        :raises RuntimeError: if another event loop still uses the connection.
         """
-        await checkpoint()
-        async with self._send_lock:
-            self._transport.shutdown_write()
+        await self._writer.send_eof()
 
     async def aclose(self) -> None:
-        """Close the connection and every descriptor it still holds.
+        """Write what is queued, then close the connection and its descriptors.
 
-        Tasks blocked in send or receive raise
-        :class:`anyio.ClosedResourceError`. Calling it again does nothing;
-        it never raises.
+        Waits at most :attr:`close_timeout` seconds (default 10) for a peer
+        that is slow to read the queued records; what is still queued then
+        is dropped and logged (logger ``"aiofdpass"``). Cancelling it closes
+        at once, likewise. Tasks blocked in send or receive raise
+        :class:`anyio.ClosedResourceError`; no task or callback of the
+        connection outlives it. Calling it again does nothing. It never
+        raises, except the cancellation that interrupts its wait (the
+        connection is closed all the same).
+
+        :raises RuntimeError: if another event loop still uses the
+            connection (nothing is closed then).
         """
-        self._close_now()
-        await checkpoint()
+        try:
+            await self._writer.aclose()
+        finally:
+            close_buffers = self._buffers_closer()
+            if self._transport.closed and close_buffers is not None:
+                close_buffers()
 
-    def _close_now(self) -> None:
-        self._transport.close()
+    def _buffers_closer(self) -> Callable[[], None] | None:
+        """Return what closes the receiving side's buffers (subclasses' hook).
+
+        It must not refer to the connection: a finaliser calls it later.
+        """
+        return None
+
+    def __del__(self) -> None:
+        transport = getattr(self, "_transport", None)
+        writer = getattr(self, "_writer", None)
+        if transport is None or writer is None or transport.closed:
+            return
+        # The collector may run this in another thread, or in the middle of
+        # the background writer's write: then close on the loop, between
+        # callbacks. (The writer and transport never refer back to the
+        # connection, and nothing else of the library can be running.)
+        close = _Finaliser(writer, self._buffers_closer())
+        driver = transport.driver
+        if (
+            driver is None
+            or (driver.thread == threading.get_ident() and not transport.writing)
+            or not driver.call_threadsafe(close)
+        ):
+            close()
+        warnings.warn(
+            f"unclosed {type(self).__name__}: close it with aclose() or `async with`",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:

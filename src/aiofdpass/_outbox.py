@@ -1,4 +1,8 @@
-"""The outbox: small records queued for writing, coalesced into few ``sendmsg`` calls.
+"""The outbox: encoded records waiting to be written, as few ``sendmsg`` calls' worth.
+
+Sans-I/O, like the decoder: :meth:`Outbox.peek` says what to write next and
+which descriptors go with it, :meth:`Outbox.advance` records what a
+``sendmsg`` took. It never touches a socket.
 
 Records are packed into segments. A segment is one byte buffer plus the
 descriptors of its records (at most 253, ``SCM_MAX_FD``), and its
@@ -15,28 +19,28 @@ holds its own reference from then on.
 from __future__ import annotations
 
 import os
-import socket
 from collections import deque
 
 from ._message import SCM_MAX_FD
-from ._transport import scm_rights
 
 __all__ = ["Outbox"]
 
 #: A segment stops growing past this many bytes (bounds one sendmsg).
 SEGMENT_BYTES = 256 * 1024
 
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_NO_FDS: list[int] = []
 
 
 class _Segment:
-    __slots__ = ("buf", "fds", "fds_sent", "pos")
+    __slots__ = ("buf", "ends", "fds", "fds_sent", "pos")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.fds: list[int] = []
         self.fds_sent = False
         self.pos = 0
+        # Where each of its records ends (to count what is left unwritten).
+        self.ends: list[int] = []
 
 
 class Outbox:
@@ -54,23 +58,34 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._segments)
 
+    @property
+    def nrecords(self) -> int:
+        """Records not yet written completely (a partly written one counts)."""
+        return sum(
+            sum(1 for end in seg.ends if end > seg.pos) for seg in self._segments
+        )
+
     def add(self, header: bytes, payload: memoryview | bytes, fds: list[int]) -> None:
         """Queue one record; the outbox now owns the descriptor numbers ``fds``."""
         segments = self._segments
         seg = segments[-1] if segments else None
+        nfds = len(fds)
         if (
             seg is None
-            or len(seg.buf) >= SEGMENT_BYTES
-            or (fds and (seg.fds_sent or len(seg.fds) + len(fds) > SCM_MAX_FD))
+            or seg.ends[-1] >= SEGMENT_BYTES
+            or (nfds and (seg.fds_sent or len(seg.fds) + nfds > SCM_MAX_FD))
         ):
             seg = _Segment()
             segments.append(seg)
-        seg.buf += header
-        seg.buf += payload
-        if fds:
+        buf = seg.buf
+        buf += header
+        buf += payload
+        end = len(buf)
+        self.nbytes += end - (seg.ends[-1] if seg.ends else 0)
+        seg.ends.append(end)
+        if nfds:
             seg.fds += fds
-            self.nfds += len(fds)
-        self.nbytes += len(header) + len(payload)
+            self.nfds += nfds
 
     def add_tail(self, rest: bytes) -> None:
         """Queue the unwritten rest of a record whose descriptors already went.
@@ -82,47 +97,54 @@ class Outbox:
         """
         seg = _Segment()
         seg.buf += rest
+        seg.ends.append(len(rest))
         seg.fds_sent = True
         self._segments.append(seg)
         self.nbytes += len(rest)
 
-    def write_some(self, sock: socket.socket) -> bool:
-        """Write as much as the socket takes now; return ``True`` once empty.
+    def peek(self) -> tuple[bytearray, int, list[int]]:
+        """Return what to write next: a buffer, where in it to start, the fds.
 
-        :raises OSError: anything but ``EAGAIN``; the caller breaks the
-            connection (the outbox is left as it was before the failed call).
+        The descriptors (possibly none) must go with the bytes of the next
+        ``sendmsg``; call :meth:`advance` with what it wrote. Release any
+        view of the buffer before queueing more records.
         """
-        segments = self._segments
-        while segments:
-            seg = segments[0]
-            ancdata = scm_rights(seg.fds) if not seg.fds_sent else []
-            try:
-                with memoryview(seg.buf) as view:
-                    sent = sock.sendmsg([view[seg.pos :]], ancdata, _SEND_FLAGS)
-            except BlockingIOError:
-                return False
-            if ancdata:
-                seg.fds_sent = True
-                fds, seg.fds = seg.fds, []
-                self.nfds -= len(fds)
-                for fd in fds:
-                    os.close(fd)
-            seg.pos += sent
-            self.nbytes -= sent
-            if seg.pos < len(seg.buf):
-                return False
-            segments.popleft()
+        seg = self._segments[0]
+        return seg.buf, seg.pos, _NO_FDS if seg.fds_sent else seg.fds
+
+    def advance(self, sent: int) -> bool:
+        """Record that a ``sendmsg`` of :meth:`peek`'s bytes and fds wrote ``sent``.
+
+        Closes the descriptors it carried (the kernel holds them now).
+        Returns ``True`` if the head segment was written completely.
+        """
+        seg = self._segments[0]
+        if not seg.fds_sent:
+            seg.fds_sent = True
+            fds, seg.fds = seg.fds, _NO_FDS
+            self.nfds -= len(fds)
+            for fd in fds:
+                os.close(fd)
+        seg.pos += sent
+        self.nbytes -= sent
+        if seg.pos < len(seg.buf):
+            return False
+        self._segments.popleft()
         return True
 
-    def discard(self) -> None:
-        """Drop everything queued and close the descriptors it owned."""
+    def discard(self) -> int:
+        """Drop everything queued, close the descriptors it owned.
+
+        Returns how many records were dropped (a partly written one counts).
+        """
+        dropped = self.nrecords
         while self._segments:
             for fd in self._segments.popleft().fds:
                 os.close(fd)
         self.nbytes = self.nfds = 0
+        return dropped
 
     def __del__(self) -> None:
-        # A channel dropped without aclose() (or an event loop that ended
-        # with records queued): the socket warns; the duplicates must not
-        # stay open for the life of the process.
+        # Never the only safety net (the channel logs and discards), but the
+        # duplicates must not stay open for the life of the process.
         self.discard()

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio import EndOfStream
 from anyio.abc import AsyncResource
-from anyio.lowlevel import checkpoint
 
 from ._connection import Connection, adopt_fd
 from ._convert import close_sent, filenos_of
@@ -86,11 +85,7 @@ class FdStream(Connection, AsyncResource):
                 f"{len(numbers)} descriptors in one send, over the kernel's "
                 f"{SCM_MAX_FD} per sendmsg; split them. Nothing was sent"
             )
-        await checkpoint()
-        async with self._send_lock:
-            self._transport.check_writable()
-            if payload:
-                await self._transport.send_all([payload], numbers)
+        await self._writer.send_bytes([payload] if payload else [], numbers)
         if close_fds:
             await close_sent(objs)
 
@@ -106,8 +101,8 @@ class FdStream(Connection, AsyncResource):
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         with self._receive_guard:
-            await checkpoint()
-            self._transport.check_open()
+            await self._transport.enter().checkpoint()
+            self._transport.check_recv()
             buf = bytearray(max_bytes)
             with memoryview(buf) as view:
                 nbytes, numbers = await self._transport.recv_into(view)

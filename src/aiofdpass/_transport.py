@@ -8,25 +8,37 @@ sees a socket; this layer never sees a record.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import errno
 import fcntl
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import anyio
-import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
+from ._backend import Driver, current_driver
 from ._errors import DescriptorsLostError, LimitError
 from ._fd import close_numbers
 from ._message import SCM_MAX_FD
 
-__all__ = ["ANCILLARY_BUFSIZE", "Transport", "parse_ancillary", "scm_rights"]
+if TYPE_CHECKING:
+    from ._outbox import Outbox
+
+__all__ = [
+    "ANCILLARY_BUFSIZE",
+    "BROKEN",
+    "CLOSED",
+    "OPEN",
+    "SHUT",
+    "Transport",
+    "check_unix_stream",
+    "parse_ancillary",
+    "scm_rights",
+]
 
 _INT_SIZE = array.array("i").itemsize
 
@@ -105,11 +117,6 @@ def _set_cloexec(fds: list[int]) -> None:  # pragma: no cover - not on Linux
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def check_unix_stream(sock: socket.socket) -> None:
     """Raise ``ValueError`` unless ``sock`` is a usable AF_UNIX stream socket."""
     if not isinstance(sock, socket.socket):
@@ -131,180 +138,222 @@ def check_unix_stream(sock: socket.socket) -> None:
         )
 
 
+# The state of one direction of a transport. Sending can also be shut down
+# (send_eof); both directions are closed together.
+OPEN = "open"
+SHUT = "shut down"
+BROKEN = "broken"
+CLOSED = "closed"
+
+# Serialises the slow path of Transport.enter (a socket changing loops).
+_ENTER_LOCK = threading.Lock()
+
+# What a call on a direction in that state raises: (class, message, cause).
+_Failure = tuple[type[Exception], str, BaseException | None]
+_CLOSED: _Failure = (ClosedResourceError, "this channel was closed with aclose()", None)
+_SHUT: _Failure = (
+    ClosedResourceError,
+    "the sending side was shut down with send_eof(); nothing more can be "
+    "sent on this channel",
+    None,
+)
+
+
 class Transport:
     """A connected, non-blocking AF_UNIX stream socket that it owns.
 
-    Callers serialise their own access: one receiver at a time, one sender at
-    a time. The transport knows whether it was closed (by us: calls raise
-    ``ClosedResourceError``) or broken (calls raise ``BrokenResourceError``).
+    The only code that calls ``sendmsg`` and ``recvmsg``, and the one place
+    where ``OSError`` becomes anyio's transport exceptions. Its state is one
+    value per direction (:data:`OPEN`, :data:`SHUT`, :data:`BROKEN`,
+    :data:`CLOSED`), read by one check per direction. A failed write breaks
+    only the sending direction, so records the peer already sent stay
+    readable; a broken stream (lost descriptors, a framing error) breaks
+    both. Callers serialise their own access: one receiver and one writer
+    at a time.
     """
+
+    __slots__ = (
+        "_recv_failure",
+        "_send_failure",
+        "driver",
+        "on_new_loop",
+        "on_recv_break",
+        "on_send_break",
+        "recv_state",
+        "send_state",
+        "sock",
+        "writing",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         check_unix_stream(sock)
         sock.setblocking(False)
         self.sock = sock
-        #: ``True`` while sending is possible: not closed, not broken, not
-        #: shut down with send_eof (a cheap test for the hot path).
-        self.can_send = True
-        self.closed = False
-        self.write_shut = False
-        self._broken: BaseException | None = None
-        self._broken_reason = ""
-        # asyncio only: the future each direction waits on (True: reading).
-        self._waiters: dict[bool, asyncio.Future[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        #: Called once when the transport breaks, to release what the layer
-        #: above holds (buffered records and their descriptors).
-        self.on_break: Callable[[], None] | None = None
-        # A failed write breaks only the sending side: what the peer already
-        # sent stays readable. The layer above drops its queued records.
-        self._write_broken: BaseException | None = None
-        self._write_broken_reason = ""
-        self.on_write_break: Callable[[], None] | None = None
+        self.send_state = OPEN
+        self.recv_state = OPEN
+        self._send_failure: _Failure = _CLOSED
+        self._recv_failure: _Failure = _CLOSED
+        #: The event loop the socket is used from (see :meth:`enter`).
+        self.driver: Driver | None = None
+        #: Called when the socket moves to another event loop.
+        self.on_new_loop: Callable[[], None] | None = None
+        #: Called once when sending breaks (the layer above drops its queue),
+        #: and once when receiving breaks (it closes what it buffered).
+        self.on_send_break: Callable[[], None] | None = None
+        self.on_recv_break: Callable[[], None] | None = None
+        #: ``True`` while :meth:`write_queue` runs (a finaliser must not
+        #: close the queue under it).
+        self.writing = False
 
     # -- state ------------------------------------------------------------
 
-    def check_open(self) -> None:
-        """Raise if the transport was closed or broken."""
-        if self.closed:
-            raise ClosedResourceError("this channel was closed with aclose()")
-        if self._broken is not None:
-            raise BrokenResourceError(
-                f"this channel is broken ({self._broken_reason}); close it and "
-                "open a new connection"
-            ) from self._broken
-
-    def check_writable(self) -> None:
-        """Raise if sending is no longer possible."""
-        self.check_sending()
-        if self.write_shut:
-            raise ClosedResourceError(
-                "the sending side was shut down with send_eof(); nothing more "
-                "can be sent on this channel"
-            )
-
-    def check_sending(self) -> None:
-        """Raise if the transport is closed, broken, or its sending side broke."""
-        self.check_open()
-        if self._write_broken is not None:
-            raise BrokenResourceError(
-                f"sending on this channel failed ({self._write_broken_reason}); "
-                "records already received can still be read, then close it"
-            ) from self._write_broken
-
     @property
-    def broken(self) -> bool:
-        """``True`` once the connection (or its sending side) broke."""
-        return self._broken is not None or self._write_broken is not None
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` ran."""
+        return self.recv_state is CLOSED
 
-    def fail_write(self, exc: OSError) -> None:
-        """Break the sending side after a write error outside any caller."""
-        self.break_writes(exc, f"a write failed: {exc.strerror or exc}")
+    def enter(self) -> Driver:
+        """Return the running loop's driver; the socket belongs to it from now on.
 
-    def break_writes(self, exc: BaseException, reason: str) -> None:
-        """Break the sending side only: the peer reads end of stream.
+        :raises RuntimeError: while another event loop that used the socket
+            still runs, or with no running event loop.
+        """
+        old = self.driver
+        if old is not None and old.is_current():
+            return old
+        with _ENTER_LOCK:  # two threads' first calls: one loop wins
+            old = self.driver
+            driver = current_driver(self.sock, old)
+            if driver is not old:
+                self.driver = driver
+                if old is not None and self.on_new_loop is not None:
+                    self.on_new_loop()
+        return driver
+
+    def check_send(self) -> None:
+        """Raise the error for sending in the current state, if not open."""
+        if self.send_state is not OPEN:
+            _raise(self._send_failure)
+
+    def check_recv(self) -> None:
+        """Raise the error for receiving in the current state, if not open."""
+        if self.recv_state is not OPEN:
+            _raise(self._recv_failure)
+
+    def break_send(self, exc: BaseException, reason: str) -> None:
+        """Break the sending direction only: the peer reads end of stream.
 
         Receiving goes on, so records the peer sent before it went away are
         not lost; later sends raise :class:`anyio.BrokenResourceError`.
         """
-        if self._write_broken is None and self._broken is None and not self.closed:
-            self.can_send = False
-            self._write_broken = exc
-            self._write_broken_reason = reason
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
-            if self.on_write_break is not None:
-                self.on_write_break()
+        if self.send_state is not OPEN:
+            return
+        self.send_state = BROKEN
+        self._send_failure = (
+            BrokenResourceError,
+            f"sending on this channel failed ({reason}); records already "
+            "received can still be read, then close it",
+            exc,
+        )
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        if self.on_send_break is not None:
+            self.on_send_break()
 
-    async def wait_writable(self) -> None:
-        """Wait until the socket can take more bytes."""
-        await self._wait(False)
-
-    def mark_broken(self, exc: BaseException, reason: str) -> None:
-        """Break the connection: the peer sees end of stream, we see errors."""
-        if self._broken is None and not self.closed:
-            self.can_send = False
-            self._broken = exc
-            self._broken_reason = reason
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            if self.on_break is not None:
-                self.on_break()
-
-    def close(self) -> None:
-        """Close the socket, waking every task waiting on it."""
-        if not self.closed:
-            self.can_send = False
-            self.closed = True
-            if self._waiters:
-                # Our own asyncio waits: unregister the descriptor before it
-                # is closed (uvloop aborts on a closed one), then wake them.
-                loop = self._loop
-                assert isinstance(loop, asyncio.AbstractEventLoop)
-                fd = self.sock.fileno()
-                for readable, fut in self._waiters.items():
-                    (loop.remove_reader if readable else loop.remove_writer)(fd)
-                    if not fut.done():
-                        fut.set_exception(ClosedResourceError())
-            elif self.sock.fileno() >= 0:
-                anyio.notify_closing(self.sock)
-            self.sock.close()
+    def break_all(self, exc: BaseException, reason: str) -> None:
+        """Break both directions: the peer sees end of stream, we see errors."""
+        if self.closed or self.recv_state is BROKEN:
+            return
+        failure: _Failure = (
+            BrokenResourceError,
+            f"this channel is broken ({reason}); close it and open a new connection",
+            exc,
+        )
+        send_was_open = self.send_state is OPEN
+        self.send_state = self.recv_state = BROKEN
+        self._send_failure = self._recv_failure = failure
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        if send_was_open and self.on_send_break is not None:
+            self.on_send_break()
+        if self.on_recv_break is not None:
+            self.on_recv_break()
 
     def shutdown_write(self) -> None:
         """Shut down the sending direction (the peer reads end of stream)."""
-        self.check_writable()
-        self.can_send = False
-        self.write_shut = True
+        self.check_send()
+        self.send_state = SHUT
+        self._send_failure = _SHUT
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
             self._raise_translated(exc, "send_eof")
 
-    # -- I/O --------------------------------------------------------------
+    def close(self) -> None:
+        """Close the socket, waking every task waiting on it."""
+        if self.closed:
+            return
+        self.send_state = self.recv_state = CLOSED
+        self._send_failure = self._recv_failure = _CLOSED
+        if self.driver is not None and self.sock.fileno() >= 0:
+            self.driver.notify_closing()
+        self.sock.close()
 
-    async def recv_into(self, buf: memoryview) -> tuple[int, list[int]]:
-        """Read once into ``buf``: return the byte count and the descriptors.
+    # -- receiving --------------------------------------------------------
 
-        The descriptors are plain numbers that the caller owns from the
-        return on: hand them to an owner (the decoder, or :class:`Fd`
-        objects) before anything else can fail.
+    def try_recv_into(self, buf: memoryview) -> tuple[int, list[int]] | None:
+        """Read once into ``buf`` without waiting: the byte count and descriptors.
 
-        0 bytes means end of stream. Waits for readability only after
-        ``EAGAIN``. The caller must have checkpointed already; once the
-        syscall returns there is no await, so nothing read is lost to
-        cancellation.
+        ``None`` if nothing is there yet; 0 bytes means end of stream. The
+        descriptors are plain numbers that the caller owns from the return
+        on: hand them to an owner (the decoder, or :class:`Fd` objects)
+        before anything else can fail.
 
         :raises DescriptorsLostError: on ``MSG_CTRUNC``, after closing the
             descriptors that did arrive; the transport is then broken.
         """
-        sock = self.sock
+        try:
+            nbytes, ancdata, flags, _ = self.sock.recvmsg_into(
+                [buf], ANCILLARY_BUFSIZE, _CLOEXEC_FLAG
+            )
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._raise_translated(exc, "receive")
+        fds = parse_ancillary(ancdata) if ancdata else []
+        if self.recv_state is not OPEN:
+            # Another task broke or closed the connection meanwhile.
+            close_numbers(fds)
+            self.check_recv()
+        if flags & _MSG_CTRUNC:
+            got = len(fds)
+            close_numbers(fds)
+            lost = DescriptorsLostError(
+                f"the kernel dropped descriptors sent to this process "
+                f"(MSG_CTRUNC; {got} arrived and were closed). Usually the "
+                "process is at its open-file limit (RLIMIT_NOFILE): close "
+                "descriptors or raise the limit, then reconnect"
+            )
+            self.break_all(lost, "descriptors were lost (MSG_CTRUNC)")
+            raise lost
+        return nbytes, fds
+
+    async def recv_into(self, buf: memoryview) -> tuple[int, list[int]]:
+        """Read once into ``buf``, waiting for data if there is none yet.
+
+        The descriptors are the caller's, as with :meth:`try_recv_into`.
+
+        The caller must have checkpointed already; once the syscall returns
+        there is no await, so nothing read is lost to cancellation.
+        """
         while True:
-            try:
-                nbytes, ancdata, flags, _ = sock.recvmsg_into(
-                    [buf], ANCILLARY_BUFSIZE, _CLOEXEC_FLAG
-                )
-            except BlockingIOError:
-                await self._wait(True)
-                continue
-            except OSError as exc:
-                self._raise_translated(exc, "receive")
-            fds = parse_ancillary(ancdata) if ancdata else []
-            if self._broken is not None:
-                # Another task broke the connection while we waited.
-                close_numbers(fds)
-                self.check_open()
-            if flags & _MSG_CTRUNC:
-                got = len(fds)
-                close_numbers(fds)
-                lost = DescriptorsLostError(
-                    f"the kernel dropped descriptors sent to this process "
-                    f"(MSG_CTRUNC; {got} arrived and were closed). Usually the "
-                    "process is at its open-file limit (RLIMIT_NOFILE): close "
-                    "descriptors or raise the limit, then reconnect"
-                )
-                self.mark_broken(lost, "descriptors were lost (MSG_CTRUNC)")
-                raise lost
-            return nbytes, fds
+            got = self.try_recv_into(buf)
+            if got is not None:
+                return got
+            assert self.driver is not None
+            await self.driver.wait_readable()
+
+    # -- sending ----------------------------------------------------------
 
     def try_send(self, data: bytes, fds: Sequence[int]) -> int:
         """Write what the socket takes of ``data`` now, ``fds`` with it.
@@ -316,28 +365,56 @@ class Transport:
         :raises LimitError: ``ETOOMANYREFS`` (nothing sent).
         :raises anyio.BrokenResourceError: if the connection failed.
         """
-        ancdata = scm_rights(fds)
         try:
-            return self.sock.sendmsg([data], ancdata, _SEND_FLAGS)
+            return self.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
         except BlockingIOError:
             return -1
         except OSError as exc:
             self._raise_descriptor_error(exc, fds)
             self._raise_translated(exc, "send")
 
+    def write_queue(self, queue: Outbox) -> bool:
+        """Write as much of ``queue`` as the socket takes now; ``True`` once empty.
+
+        :raises LimitError: ``ETOOMANYREFS``; nothing of the segment at the
+            head was written.
+        :raises anyio.BrokenResourceError: if the connection failed (the
+            sending direction is broken then).
+        """
+        sock = self.sock
+        self.writing = True
+        try:
+            while queue:
+                buf, pos, fds = queue.peek()
+                try:
+                    with memoryview(buf) as view:
+                        sent = sock.sendmsg([view[pos:]], scm_rights(fds), _SEND_FLAGS)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self._raise_descriptor_error(exc, ())
+                    self._raise_translated(exc, "send")
+                if not queue.advance(sent):
+                    return False
+            return True
+        finally:
+            self.writing = False
+
     async def send_all(self, buffers: list[memoryview], fds: Sequence[int]) -> None:
         """Write every byte of ``buffers``; ``fds`` go with the first ``sendmsg``.
 
         Later ``sendmsg`` calls of the same write carry no control message:
         sending the descriptors again would duplicate them. If this fails or
-        is cancelled after some bytes were written, the transport is broken
-        (the peer sees end of stream in the middle of a record); if it fails
+        is cancelled after some bytes were written, sending is broken (the
+        peer sees end of stream in the middle of a record); if it fails
         before any byte was written, nothing was sent and the caller still
         owns its descriptors.
 
         :raises OSError: ``EBADF`` if a descriptor is not open (nothing sent).
         :raises LimitError: ``ETOOMANYREFS``: too many descriptors in flight.
         """
+        if not buffers:
+            return
         ancdata = scm_rights(fds)
         sock = self.sock
         sent_any = False
@@ -346,7 +423,9 @@ class Transport:
                 try:
                     sent = sock.sendmsg(buffers, ancdata, _SEND_FLAGS)
                 except BlockingIOError:
-                    await self._wait(False)
+                    assert self.driver is not None
+                    await self.driver.wait_writable()
+                    self.check_send()
                     continue
                 except OSError as exc:
                     if not sent_any:
@@ -369,52 +448,12 @@ class Transport:
                     return
         except BaseException as exc:
             if sent_any and buffers:
-                self.break_writes(
+                self.break_send(
                     exc, "a send was interrupted after part of a record was written"
                 )
             raise
 
     # -- internals --------------------------------------------------------
-
-    async def _wait(self, readable: bool) -> None:
-        """Wait until the socket is readable (or writable).
-
-        On asyncio and uvloop this waits on a future with ``add_reader`` /
-        ``add_writer`` directly (about half the cost of the generic path, and
-        ping-pong traffic waits once per message); elsewhere it uses anyio.
-        Either way it is a cancellation point and :meth:`close` wakes it with
-        :class:`anyio.ClosedResourceError`.
-        """
-        # Looked up each time (cheap): a channel may outlive one event loop.
-        loop = self._loop = asyncio._get_running_loop()
-        if loop is None:
-            waiter = anyio.wait_readable if readable else anyio.wait_writable
-            try:
-                await waiter(self.sock)
-            except ClosedResourceError:
-                raise ClosedResourceError(
-                    "this channel was closed with aclose() while waiting"
-                ) from None
-            return
-        fd = self.sock.fileno()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters[readable] = fut
-        add, remove = (
-            (loop.add_reader, loop.remove_reader)
-            if readable
-            else (loop.add_writer, loop.remove_writer)
-        )
-        add(fd, _wake, fut)
-        try:
-            await fut
-        except ClosedResourceError:
-            raise ClosedResourceError(
-                "this channel was closed with aclose() while waiting"
-            ) from None
-        finally:
-            del self._waiters[readable]
-            if not self.closed:
-                remove(fd)
 
     def _raise_descriptor_error(self, exc: OSError, fds: Sequence[int]) -> None:
         """Raise the error for a ``sendmsg`` that refused our descriptors."""
@@ -443,12 +482,17 @@ class Transport:
             ) from None
         reason = f"{what} failed: {exc.strerror or exc}"
         if what == "send":
-            self.break_writes(exc, reason)
+            self.break_send(exc, reason)
             raise BrokenResourceError(
                 f"{reason}; the peer is gone or stopped reading. Records it "
                 "sent before can still be received; then close this channel"
             ) from exc
-        self.mark_broken(exc, reason)
+        self.break_all(exc, reason)
         raise BrokenResourceError(
             f"{reason}; the connection is gone, close this channel"
         ) from exc
+
+
+def _raise(failure: _Failure) -> NoReturn:
+    cls, message, cause = failure
+    raise cls(message) from cause

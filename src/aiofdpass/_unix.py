@@ -22,6 +22,7 @@ from ._channel import FdChannel
 from ._credentials import AllowPolicy, PeerCredentials, check_peer, make_policy
 from ._message import Limits
 from ._stream import FdStream
+from ._writer import DEFAULT_CLOSE_TIMEOUT
 
 __all__ = ["FdListener", "connect", "connect_stream", "listen"]
 
@@ -30,10 +31,6 @@ logger = logging.getLogger("aiofdpass")
 #: A socket path: ``str``, ``bytes`` or ``os.PathLike``. A name that starts
 #: with a NUL byte is in Linux's abstract namespace (no file is created).
 SocketPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
-
-#: How long ``serve`` lets a finished handler's queued records drain before
-#: it closes the channel regardless (seconds).
-SERVE_CLOSE_TIMEOUT = 10.0
 
 # How long serve() waits before accepting again when out of descriptors.
 _EMFILE_BACKOFF = 0.1
@@ -101,16 +98,28 @@ async def _connect_socket(path: SocketPath) -> socket.socket:
         raise
 
 
-async def connect(path: SocketPath, *, limits: Limits | None = None) -> FdChannel:
+async def connect(
+    path: SocketPath,
+    *,
+    limits: Limits | None = None,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+) -> FdChannel:
     """Connect to a listening socket and return an :class:`FdChannel`.
 
     :param path: the socket path (``str``, ``bytes``, ``os.PathLike``); a
         leading NUL byte means Linux's abstract namespace.
     :param limits: record limits for the channel.
+    :param close_timeout: how long the channel's ``aclose()`` waits for
+        queued records (:attr:`FdChannel.close_timeout`).
     :raises FileNotFoundError: if nothing exists at ``path``.
     :raises ConnectionRefusedError: if nobody listens there.
     """
-    return FdChannel(await _connect_socket(path), limits=limits)
+    sock = await _connect_socket(path)
+    try:
+        return FdChannel(sock, limits=limits, close_timeout=close_timeout)
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def connect_stream(path: SocketPath) -> FdStream:
@@ -186,6 +195,7 @@ async def listen(
     backlog: int = socket.SOMAXCONN,
     limits: Limits | None = None,
     allow: AllowPolicy | None = None,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> FdListener:
     """Listen on a UNIX socket path and return an :class:`FdListener`.
 
@@ -214,6 +224,10 @@ async def listen(
         waits for the next connection. A policy that raises refuses. By
         default everyone who can reach the socket may connect: the file mode
         limits that for a path, but nothing does for an abstract name.
+    :param close_timeout: how long each accepted channel's ``aclose()``
+        waits for queued records (:attr:`FdChannel.close_timeout`); this
+        also bounds how long :meth:`FdListener.serve` lets a finished
+        handler's records drain.
     :raises TypeError: if ``allow`` is neither a collection of ints nor
         callable.
     :raises FileExistsError: if ``path`` exists and is not a socket.
@@ -234,7 +248,14 @@ async def listen(
     except BaseException:
         sock.close()
         raise
-    return FdListener(sock, path=p, identity=identity, limits=limits, allow=policy)
+    return FdListener(
+        sock,
+        path=p,
+        identity=identity,
+        limits=limits,
+        allow=policy,
+        close_timeout=close_timeout,
+    )
 
 
 class FdListener(Listener[FdChannel]):
@@ -253,8 +274,10 @@ class FdListener(Listener[FdChannel]):
         identity: os.stat_result | None,
         limits: Limits | None,
         allow: Callable[[PeerCredentials], bool] | None = None,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self._sock = sock
+        self._close_timeout = close_timeout
         self._allow = allow
         self._path = path
         self._identity = identity
@@ -301,7 +324,9 @@ class FdListener(Listener[FdChannel]):
                     await checkpoint()  # a flood of refusals must not starve others
                     continue
                 try:
-                    return FdChannel(conn, limits=self._limits)
+                    return FdChannel(
+                        conn, limits=self._limits, close_timeout=self._close_timeout
+                    )
                 except BaseException:
                     conn.close()
                     raise
@@ -314,8 +339,9 @@ class FdListener(Listener[FdChannel]):
         """Accept connections forever, running ``handler(channel)`` in a task each.
 
         Each channel is closed when its handler returns or raises (records
-        it still queues get up to ``SERVE_CLOSE_TIMEOUT``, 10 seconds, to be
-        written; a peer that does not read them by then loses them); an
+        it still queues get the channel's ``close_timeout``, by default 10
+        seconds, to be written; a peer that does not read them by then loses
+        them, and the loss is logged); an
         exception from a handler is logged (logger ``"aiofdpass"``) and does
         not stop the server. Running out of descriptors (``EMFILE``) is
         logged and retried. Stop it by cancelling, or by closing the
@@ -339,11 +365,10 @@ class FdListener(Listener[FdChannel]):
                     handler,
                 )
             finally:
-                # Records the handler queued get a bounded time to leave: a
-                # client that never reads must not pin the channel (and the
-                # descriptors queued on it) forever.
-                with anyio.move_on_after(SERVE_CLOSE_TIMEOUT):
-                    await channel.aclose()
+                # Bounded by the channel's close_timeout: a client that never
+                # reads must not pin the channel (and the descriptors queued
+                # on it) forever.
+                await channel.aclose()
 
         async with AsyncExitStack() as stack:
             if task_group is None:
