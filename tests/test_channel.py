@@ -140,6 +140,28 @@ async def test_forward_a_received_message() -> None:
                 await c.send(msg, [r])
 
 
+async def test_forward_a_message_whose_fds_were_read() -> None:
+    # Reading msg.fds makes Fd objects; forwarding then sends those, and
+    # close_fds closes them (without it, the message still owns them).
+    a, b = channel_pair()
+    async with a, b:
+        with pipe() as (r, w):
+            await a.send(b"one", [r, w, r])
+            msg = await b.receive()
+            wrapped = msg.fds
+            await a.send(msg)  # the same message, not closed
+            assert not any(fd.closed for fd in wrapped)
+            await b.send(msg, close_fds=True)
+            assert all(fd.closed for fd in wrapped)
+            for chan in (b, a):
+                with await chan.receive() as out:
+                    assert [identity(fd.fileno()) for fd in out.fds] == [
+                        identity(r),
+                        identity(w),
+                        identity(r),
+                    ]
+
+
 async def test_empty_record_and_no_fds() -> None:
     a, b = channel_pair()
     async with a, b:

@@ -12,7 +12,7 @@ from anyio.abc import ObjectStream
 from ._backend import running_asyncio_loop
 from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
-from ._convert import close_sent, filenos_of
+from ._convert import close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
 from ._transport import OPEN
@@ -175,6 +175,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises RuntimeError: if another event loop, still running, uses
             this channel.
         """
+        forwarded: Message | None = None
         if type(data) is bytes:
             payload: bytes | memoryview = data
         elif isinstance(data, Message):
@@ -182,8 +183,11 @@ class FdChannel(Connection, ObjectStream[Message]):
                 raise ValueError(
                     "pass descriptors either inside the Message or as fds=, not both"
                 )
-            fds = data.fds
+            forwarded = data
             payload = data.data
+            # A received message not yet unwrapped: send its numbers as they
+            # are (no Fd object made for each).
+            fds = data._numbers if data._numbers is not None else data.fds
         else:
             try:
                 payload = memoryview(data).cast("B")
@@ -215,7 +219,10 @@ class FdChannel(Connection, ObjectStream[Message]):
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
         if close_fds:
-            await close_sent(objs)
+            if forwarded is not None:
+                close_forwarded(forwarded)
+            else:
+                await close_sent(objs)
 
     async def receive(self) -> Message:
         """Receive the next record.

@@ -14,8 +14,9 @@ from anyio import TypedAttributeProvider
 from anyio.abc import AsyncResource, SocketAttribute
 
 from ._fd import Fd
+from ._message import Message
 
-__all__ = ["close_sent", "fileno_of", "filenos_of"]
+__all__ = ["close_forwarded", "close_sent", "fileno_of", "filenos_of"]
 
 logger = logging.getLogger("aiofdpass")
 
@@ -98,3 +99,20 @@ async def close_sent(objs: Iterable[Any]) -> None:
                 obj,
                 exc_info=True,
             )
+
+
+def close_forwarded(message: Message) -> None:
+    """Close a forwarded message's descriptors (``close_fds=True``); never raises.
+
+    As :func:`close_sent`, for a :class:`Message` passed as ``data``: one
+    ``close_range`` where its numbers are a contiguous run.
+    """
+    try:
+        message.close()
+    except Exception:
+        logger.warning(
+            "close_fds: closing the descriptors of %r failed after the send; "
+            "the record was sent all the same",
+            message,
+            exc_info=True,
+        )
