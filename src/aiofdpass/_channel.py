@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from anyio import BusyResourceError, EndOfStream
 from anyio.abc import ObjectStream
 
-from ._backend import running_asyncio_loop
 from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import close_forwarded, close_sent, filenos_of
@@ -250,7 +249,7 @@ class FdChannel(Connection, ObjectStream[Message]):
             raise BusyResourceError("receiving from")
         transport = self._transport
         driver = transport.driver
-        if driver is None or driver.native is not running_asyncio_loop():
+        if driver is None or not driver.is_current():
             driver = transport.enter()  # trio, or another loop than last time
         self._writer.burst = False  # a reply to what we receive goes out at once
         self._receiving = True
@@ -271,13 +270,19 @@ class FdChannel(Connection, ObjectStream[Message]):
                     return message
                 if self._eof:
                     raise EndOfStream
-                if self._writer.outbox:
+                if self._writer.outbox.nbytes:
                     self._writer.idle()  # what we queued goes out before we read
                 view = decoder.get_buffer()
                 try:
-                    nbytes, fds = await transport.recv_into(view)
+                    got = transport.try_recv_into(view)
+                    while got is None:  # nothing there yet
+                        await driver.wait_readable()
+                        got = transport.try_recv_into(view)
                 finally:
                     view.release()
+                # No await between the read and this: the decoder owns the
+                # descriptors at once.
+                nbytes, fds = got
                 decoder.commit(nbytes, fds)
                 if nbytes == 0:
                     self._eof = True

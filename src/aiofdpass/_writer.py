@@ -44,7 +44,6 @@ import anyio
 import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
-from ._backend import running_asyncio_loop
 from ._errors import LimitError
 from ._outbox import Outbox
 from ._transport import OPEN, SHUT, Transport
@@ -226,7 +225,7 @@ class Writer:
         """
         transport = self.transport
         driver = transport.driver
-        if driver is None or driver.native is not running_asyncio_loop():
+        if driver is None or not driver.is_current():
             driver = transport.enter()  # trio, or another loop than last time
         if transport.send_state is not OPEN:
             transport.check_send()
