@@ -146,7 +146,13 @@ def main() -> None:
         help="also run base-asyncio/uvloop/trio: aiofdpass from this src directory "
         "(e.g. a worktree of the previous release), for before/after in one run",
     )
+    parser.add_argument(
+        "--replot", type=Path, help="only draw --plot again from this results file"
+    )
     args = parser.parse_args()
+    if args.replot:
+        replot(args.replot, args.plot)
+        return
     reps = args.reps or (1 if args.quick else 5)
     workloads = args.workloads.split(",")
     impls = args.impls.split(",")
@@ -290,9 +296,10 @@ def plot(summary: dict[str, Any], impls: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(impls)
     workloads = list(summary)
+    colors = plt.get_cmap("tab20").colors
     for k, impl in enumerate(impls):
         ratios = [summary[w].get(impl, {}).get("ratio") or 0 for w in workloads]
         ax.bar(
@@ -300,14 +307,24 @@ def plot(summary: dict[str, Any], impls: list[str], path: Path) -> None:
             ratios,
             width,
             label=LABELS[impl],
+            color=colors[k % len(colors)],
+            hatch="//" if impl.startswith(("floor-", "base-")) else None,
         )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(workloads))])
     ax.set_xticklabels([WORKLOADS[w][0] for w in workloads], fontsize=8)
     ax.set_ylabel("throughput / blocking stdlib loop (median)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def replot(json_path: Path, path: Path) -> None:
+    """Draw the chart again from a results file (``--replot``)."""
+    data = json.loads(json_path.read_text())
+    summary = data["summary"]
+    impls = [i for i in LABELS if any(i in by_impl for by_impl in summary.values())]
+    plot(summary, impls, path)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ async def aiofdpass_impl(workload: str, role: str, fd: int, n: int) -> None:
             got += len(msg.data)
             # The count without making an Fd object per descriptor (the
             # message still owns them all, and close() closes them).
-            got_fds += msg.nfds
+            got_fds += msg.nfds if HAS_NFDS else len(msg.fds)
             msg.close()
         elapsed = time.perf_counter() - start
         assert count == n, count
@@ -340,6 +340,9 @@ async def aiofdpass_fan_in(role: str, n: int) -> None:
 
 
 PATH = os.environ.get("BENCH_SOCKET_PATH", "")
+# Message.nfds is new; an older aiofdpass (bench.py --baseline-src) counts
+# with len(msg.fds), as its users did.
+HAS_NFDS = hasattr(aiofdpass.Message, "nfds")
 # What every implementation passes: the read end of a pipe, an ordinary
 # descriptor. (Passing AF_UNIX sockets would add the kernel's garbage
 # collection bookkeeping per sendmsg, which favours whoever calls it less.)

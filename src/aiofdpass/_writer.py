@@ -168,8 +168,9 @@ class Writer:
         self.outbox = Outbox()
         self.lock = SendLock()
         self.close_timeout = close_timeout
-        #: A record was written at once since the connection last received,
-        #: waited or flushed: the next small record is queued (Rule 2).
+        #: A record was written at once since the connection last received
+        #: or the loop last ran the flush: the next small one is queued
+        #: (Rule 2).
         self.burst = False
         #: The flush callback: not scheduled, due, or scheduled but stale
         #: (the queue it was for was written meanwhile).
