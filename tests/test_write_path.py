@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import os
 import resource
 import socket
+import threading
+import weakref
 from typing import Any
 
 import anyio
@@ -337,3 +340,87 @@ async def test_a_waiter_handed_the_lock_and_cancelled_passes_it_on() -> None:
                 await anyio.sleep(0.01)
     assert order == ["c"]
     await lock.acquire()  # free again
+
+
+class CollectingSocket(socket.socket):
+    """Runs the garbage collector right after its next ``sendmsg``."""
+
+    armed = False
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        sent = super().sendmsg(*args, **kwargs)
+        if self.armed:
+            self.armed = False
+            gc.collect()
+        return sent
+
+
+async def test_a_channel_collected_during_its_own_flush_delivers_and_closes() -> None:
+    # The collector may finalise a dropped channel in the middle of the
+    # flush's bookkeeping (after sendmsg, before the queue advances): the
+    # close must wait for a safe point (on trio a failure here ended the
+    # whole run), and nothing that was written is reported as dropped.
+    sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = CollectingSocket(fileno=sa.detach())
+    a = FdChannel.from_socket(sock)
+    with pipe() as (r, _):
+        async with FdChannel.from_socket(sb) as b:
+            await a.send(b"first", [r])  # written at once
+            await a.send(b"second", [r])  # queued; the loop flushes it
+            a.cycle = a  # type: ignore[attr-defined]  # only gc can free it
+            ref = weakref.ref(a)
+            del a
+            gc.disable()
+            try:
+                sock.armed = True
+                with pytest.warns(ResourceWarning, match="unclosed FdChannel"):
+                    await anyio.wait_all_tasks_blocked()
+            finally:
+                gc.enable()
+            assert ref() is None
+            for expected in (b"first", b"second"):
+                with await b.receive() as msg:
+                    assert msg.data == expected
+                    assert [identity(fd.fileno()) for fd in msg.fds] == [identity(r)]
+            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+                await b.receive()
+
+
+def collect_in_another_thread() -> None:
+    thread = threading.Thread(target=gc.collect)
+    thread.start()
+    thread.join()
+
+
+def test_a_channel_collected_in_another_thread_is_closed_on_its_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # asyncio in debug mode refuses loop calls from another thread: the
+    # finaliser hands the close to the loop (it used to hang asyncio.run).
+    async def main() -> tuple[bool, int]:
+        a, b = channel_pair()
+        small_buffers(raw(a), raw(b))
+        fill(raw(a))
+        with pipe() as (r, _):
+            for i in range(50):
+                await a.send(b"q%d" % i, [r])  # queued: the socket is full
+            a.cycle = a  # type: ignore[attr-defined]
+            ref = weakref.ref(a)
+            del a
+            gc.disable()
+            try:
+                with pytest.warns(ResourceWarning, match="unclosed FdChannel"):
+                    collect_in_another_thread()
+            finally:
+                gc.enable()
+            collected = ref() is None
+            await asyncio.sleep(0.01)  # the loop runs the close
+            copies = copies_of(r) - 2
+        await b.aclose()
+        return collected, copies
+
+    caplog.set_level(logging.WARNING, logger="aiofdpass")
+    collected, copies = asyncio.run(asyncio.wait_for(main(), 10), debug=True)
+    assert collected
+    assert copies == 0  # the queued duplicates were closed
+    assert "dropped 50 queued record(s)" in caplog.text
