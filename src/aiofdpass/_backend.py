@@ -25,7 +25,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from anyio import ClosedResourceError
 
@@ -37,6 +37,8 @@ __all__ = ["Driver", "current_driver"]
 logger = logging.getLogger("aiofdpass")
 
 _get_running_loop = asyncio._get_running_loop
+# The trio module, once a trio driver exists (trio stays an optional import).
+_trio: Any = None
 _get_ident = threading.get_ident
 
 
@@ -229,6 +231,10 @@ class _TrioDriver(Driver):
     native: trio.lowlevel.TrioToken
 
     def __init__(self, native: object, sock: socket.socket) -> None:
+        global _trio
+        import trio  # a trio run is going on: it is imported already
+
+        _trio = trio  # methods use the module global (a local import per call costs)
         super().__init__(native, sock)
         self._pending: deque[Callable[[], object]] = deque()
         self._runner = False
@@ -236,8 +242,7 @@ class _TrioDriver(Driver):
         self._closing = False
 
     def running(self) -> bool:
-        import trio
-
+        trio = _trio
         try:
             self.native.run_sync_soon(_noop)
         except trio.RunFinishedError:
@@ -245,16 +250,14 @@ class _TrioDriver(Driver):
         return True
 
     def is_current(self) -> bool:
-        import trio
-
+        trio = _trio
         try:
             return trio.lowlevel.current_trio_token() is self.native
         except RuntimeError:
             return False
 
     def call_threadsafe(self, fn: Callable[[], object]) -> bool:
-        import trio
-
+        trio = _trio
         try:
             self.native.run_sync_soon(fn)
         except trio.RunFinishedError:
@@ -262,8 +265,7 @@ class _TrioDriver(Driver):
         return True
 
     def call_soon(self, fn: Callable[[], object]) -> None:
-        import trio
-
+        trio = _trio
         self._pending.append(fn)
         if not self._runner:
             self._runner = True
@@ -273,8 +275,7 @@ class _TrioDriver(Driver):
             trio.lowlevel.reschedule(task)
 
     async def _run_callbacks(self) -> None:
-        import trio
-
+        trio = _trio
         try:
             while True:
                 while self._pending:
@@ -291,49 +292,42 @@ class _TrioDriver(Driver):
             self._parked = None
 
     def _abort(self, _: object) -> trio.lowlevel.Abort:
-        import trio
-
         self._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        abort: trio.lowlevel.Abort = _trio.lowlevel.Abort.SUCCEEDED
+        return abort
 
     @property
     def busy(self) -> bool:
         return self._runner
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        import trio
-
+        trio = _trio
         trio.lowlevel.spawn_system_task(fn)
 
     async def checkpoint(self) -> None:
-        import trio
-
+        trio = _trio
         await trio.lowlevel.checkpoint()
 
     async def sleep(self, seconds: float) -> None:
-        import trio
-
+        trio = _trio
         await trio.sleep(seconds)
 
     async def wait_readable(self) -> None:
-        import trio
-
+        trio = _trio
         try:
             await trio.lowlevel.wait_readable(self.sock)
         except trio.ClosedResourceError:
             raise _closed_while_waiting() from None
 
     async def wait_writable(self) -> None:
-        import trio
-
+        trio = _trio
         try:
             await trio.lowlevel.wait_writable(self.sock)
         except trio.ClosedResourceError:
             raise _closed_while_waiting() from None
 
     def notify_closing(self) -> None:
-        import trio
-
+        trio = _trio
         self._closing = True
         # Outside this trio run (RuntimeError) nobody can be waiting.
         with contextlib.suppress(RuntimeError):
