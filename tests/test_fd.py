@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import gc
 import os
@@ -10,11 +11,11 @@ import tempfile
 
 import pytest
 
-from aiofdpass import Fd, Limits, Message
+from aiofdpass import Fd, Limits, Message, channel_pair
 from aiofdpass._codec import RecordDecoder, encode_header
 from aiofdpass._fd import close_numbers
 
-from .helpers import open_fds
+from .helpers import open_fds, pipe
 
 
 def test_fileno_take_close() -> None:
@@ -334,3 +335,31 @@ def test_nfds_of_a_message_built_by_hand() -> None:
     assert msg.nfds == 2 == len(msg.fds)
     msg.close()
     assert Message(b"").nfds == 0
+
+
+@pytest.mark.anyio
+async def test_copies_of_a_received_message_share_its_descriptors() -> None:
+    # Two messages owning the same plain numbers would close them twice (the
+    # second close hitting whatever reused the numbers): copies share Fds.
+    a, b = channel_pair()
+    async with a, b:
+        with pipe() as (r, w):
+            await a.send(b"x", [r, w])
+            msg = await b.receive()
+            shallow, deep = copy.copy(msg), copy.deepcopy(msg)
+            assert shallow == msg and deep == msg
+            numbers = [fd.fileno() for fd in msg.fds]
+            msg.close()
+            reuse_r, reuse_w = os.pipe()  # likely the numbers just freed
+            try:
+                shallow.close()
+                deep.close()
+                os.fstat(reuse_r)
+                os.fstat(reuse_w)  # still open: nobody closed them twice
+            finally:
+                os.close(reuse_r)
+                os.close(reuse_w)
+            assert len(numbers) == 2
+            fd = Fd(os.dup(r))
+            assert copy.copy(fd) is fd and copy.deepcopy(fd) is fd
+            fd.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import warnings
@@ -18,6 +19,8 @@ from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 __all__ = ["Connection", "adopt_fd"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("aiofdpass")
 
 
 def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
@@ -55,9 +58,13 @@ class _Finaliser:
         self._close_buffers = close_buffers
 
     def __call__(self) -> None:
-        self._writer.close("the connection was garbage-collected without aclose()")
-        if self._close_buffers is not None:
-            self._close_buffers()
+        # It may run as a loop callback (trio ends the run if one raises).
+        try:
+            self._writer.close("the connection was garbage-collected without aclose()")
+            if self._close_buffers is not None:
+                self._close_buffers()
+        except Exception:
+            logger.exception("closing a garbage-collected connection failed")
 
 
 class Connection(TypedAttributeProvider):

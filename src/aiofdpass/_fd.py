@@ -156,6 +156,14 @@ class Fd:
         obj._fd = fd
         return obj
 
+    def __copy__(self) -> Fd:
+        # An owned descriptor has one owner: a copy is the same object (two
+        # objects would close the number twice). Duplicate with os.dup.
+        return self
+
+    def __deepcopy__(self, memo: object) -> Fd:
+        return self
+
     def __enter__(self) -> Fd:
         return self
 

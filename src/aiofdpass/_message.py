@@ -178,6 +178,23 @@ class Message:
                     source=self,
                 )
 
+    def __copy__(self) -> Message:
+        # A copy shares the Fd objects (each closes its descriptor once);
+        # two messages owning the same plain numbers would close them twice.
+        return Message._shared(self._data, self.fds)
+
+    def __deepcopy__(self, memo: object) -> Message:
+        # Descriptors are not copied (that takes os.dup): shared, as above.
+        return Message._shared(self._data, self.fds)
+
+    @classmethod
+    def _shared(cls, data: bytes, fds: tuple[Fd, ...]) -> Message:
+        msg = cls.__new__(cls)
+        msg._data = data
+        msg._fds = fds
+        msg._numbers = None
+        return msg
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented

@@ -411,8 +411,14 @@ class Writer:
             return
         driver = self.transport.driver
         assert driver is not None
-        driver.spawn(self._background)
+        # Set first: with an eager task factory the task may run to its end
+        # inside spawn() (and clear the flag there).
         self.background = True
+        try:
+            driver.spawn(self._background)
+        except BaseException:
+            self.background = False
+            raise
 
     async def _background(self) -> None:
         """Run the background writer: take the lock, write the whole queue, end."""
