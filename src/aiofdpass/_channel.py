@@ -274,6 +274,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                     self._writer.idle()  # what we queued goes out before we read
                 view = decoder.get_buffer()
                 try:
+                    # Transport.recv_into's loop, inlined: one coroutine less
+                    # per read on the ping-pong path.
                     got = transport.try_recv_into(view)
                     while got is None:  # nothing there yet
                         await driver.wait_readable()

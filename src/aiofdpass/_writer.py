@@ -200,9 +200,7 @@ class Writer:
         if self.transport.send_state is not OPEN:
             self.transport.check_send()
         self._calls += 1
-        if not self._calls & _YIELD_EVERY_MASK:
-            self._flush_before_waiting()
-            await driver.checkpoint()
+        await self._yield_if_due(driver)
         buffers = [memoryview(header), memoryview(payload)]
         await self._send_exclusive(buffers if payload else buffers[:1], numbers)
 
@@ -275,12 +273,7 @@ class Writer:
         """Wait as :meth:`send_record` asked, then write or queue the record."""
         driver = self.transport.driver
         assert driver is not None
-        if not self._calls & _YIELD_EVERY_MASK:
-            # Our own yield: write the queue first, so that whether the flush
-            # callback runs before or after us (trio varies the order) does
-            # not change what is written when. The burst goes on (Rule 2).
-            self._flush_before_waiting()
-            await driver.checkpoint()
+        await self._yield_if_due(driver)
         outbox = self.outbox
         if outbox.nbytes >= _HIGH_WATER or outbox.nfds >= self._fd_high_water:
             async with _Exclusive(self):
@@ -295,6 +288,15 @@ class Writer:
             async with _Exclusive(self):
                 await self._drain(full=True)
             self.send_record(header, payload, numbers, waited=True)
+
+    async def _yield_if_due(self, driver: Driver) -> None:
+        """Yield to the loop on every 32nd send (counted in ``_calls``)."""
+        if not self._calls & _YIELD_EVERY_MASK:
+            # Our own yield: write the queue first, so that whether the flush
+            # callback runs before or after us (trio varies the order) does
+            # not change what is written when. The burst goes on (Rule 2).
+            self._flush_before_waiting()
+            await driver.checkpoint()
 
     async def send_bytes(self, buffers: list[memoryview], numbers: list[int]) -> None:
         """Write ``buffers`` completely, ``numbers`` with the first byte (no queue)."""
