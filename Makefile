@@ -31,14 +31,12 @@ unit: $(STAMP)
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
 	$(PY) -m coverage report
 
-test: lint typecheck unit
-
 # The docs build is part of the test: a broken reference fails it.
-test: docs
+test: lint typecheck unit docs
 
 # Warnings are errors (-W), every reference must resolve (-n). Output:
 # docs/_build/html/index.html. The pages' code (docs/code) is linted and
-# type-checked here; tests/test_docs_code.py runs it.
+# type-checked here; tests/test_docs.py runs it.
 docs: docs-code
 	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 	@echo "docs built: docs/_build/html/index.html"
@@ -69,7 +67,7 @@ SOAK ?= 20
 soak: $(STAMP)
 	for i in $$(seq $(SOAK)); do \
 		$(PY) -m pytest -q -x -p no:cacheprovider tests/test_cancellation.py \
-			tests/test_concurrency.py tests/test_hostile.py tests/test_processes.py \
+			tests/test_concurrency.py tests/test_hostile.py tests/test_between_processes.py \
 			|| exit 1; \
 	done
 

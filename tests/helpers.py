@@ -7,6 +7,11 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from anyio.abc import SocketAttribute
+
+from aiofdpass import FdChannel
+from aiofdpass._codec import encode_header
+
 #: ``make fuzz`` sets this to run every property test this many times longer.
 FUZZ_FACTOR = int(os.environ.get("AIOFDPASS_FUZZ", "1"))
 
@@ -48,3 +53,42 @@ def small_buffers(*socks: socket.socket) -> None:
     for s in socks:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+def backend_id(anyio_backend: object) -> str:
+    """The backend's name as a child process's command line takes it."""
+    if isinstance(anyio_backend, tuple):
+        return "uvloop"
+    return str(anyio_backend)
+
+
+def raw(chan: FdChannel) -> socket.socket:
+    """The channel's socket, to play a peer byte by byte."""
+    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
+    return sock
+
+
+def copies_of(fd: int) -> int:
+    """How many descriptors of this process refer to ``fd``'s open file.
+
+    A pipe's two ends share one inode, so for a pipe this counts both ends
+    plus every copy of either.
+    """
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        # The listing's own descriptor is closed by the time we look.
+        with suppress(OSError):
+            count += identity(int(name)) == identity(fd)
+    return count
+
+
+def fill(sock: socket.socket) -> int:
+    """Fill the socket's buffer with empty records; return how many."""
+    filler = encode_header(0, 0)
+    count = 0
+    while True:
+        try:
+            assert sock.send(filler) == len(filler)
+        except BlockingIOError:
+            return count
+        count += 1

@@ -25,7 +25,7 @@ from aiofdpass import FdChannel
 
 from .helpers import identity
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.system]
 
 SOURCE = Path(__file__).parent.parent / "examples" / "c_peer" / "afd_peer.c"
 TIMEOUT = 30

@@ -14,26 +14,19 @@ from __future__ import annotations
 
 import itertools
 import random
-import socket
 from collections import Counter
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
 from anyio.lowlevel import checkpoint
 
 from aiofdpass import FdChannel, Message, ProtocolError, channel_pair
 
-from .helpers import identity, pipe, small_buffers
+from .helpers import identity, pipe, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
 
 BIG = bytes(range(256)) * 1200  # 300 KiB: many partial writes with 4 KiB buffers
-
-
-def raw(chan: FdChannel) -> socket.socket:
-    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
-    return sock
 
 
 async def cancel_after(k: int, scope: anyio.CancelScope) -> None:

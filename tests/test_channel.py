@@ -29,7 +29,7 @@ from aiofdpass import (
 )
 from aiofdpass._codec import encode_header
 
-from .helpers import identity, open_fds, pipe, small_buffers
+from .helpers import identity, open_fds, pipe, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
 
@@ -42,11 +42,6 @@ def limit_with_free_slots(free: int) -> int:
         free -= n not in used
         n += 1
     return n
-
-
-def raw(chan: FdChannel) -> socket.socket:
-    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
-    return sock
 
 
 async def test_pipe_file_socket_memfd_all_work_after_passing() -> None:

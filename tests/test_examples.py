@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.system
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 

@@ -18,19 +18,13 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
 
-from aiofdpass import FdChannel, Limits, ProtocolError, channel_pair
+from aiofdpass import Limits, ProtocolError, channel_pair
 from aiofdpass._codec import READ_SIZE
 
-from .helpers import small_buffers
+from .helpers import raw, small_buffers
 
 pytestmark = pytest.mark.anyio
-
-
-def raw(chan: FdChannel) -> socket.socket:
-    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
-    return sock
 
 
 def header(

@@ -19,6 +19,10 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).parent.parent
 VERSION = re.search(
     r'^__version__ = "([^"]+)"$',

@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import gc
 import logging
-import os
 import re
 import resource
 import socket
@@ -38,12 +37,11 @@ import anyio
 import pytest
 import trio
 import uvloop
-from anyio.abc import SocketAttribute
 from anyio.lowlevel import checkpoint
 
 from aiofdpass import FdChannel, ProtocolError, channel_pair
 
-from .helpers import identity, pipe, small_buffers
+from .helpers import copies_of, pipe, raw, small_buffers
 
 T = TypeVar("T")
 
@@ -144,30 +142,11 @@ def enough_descriptors() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def raw(chan: FdChannel) -> socket.socket:
-    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
-    return sock
-
-
 def bytes_waiting(sock: socket.socket) -> int:
     """How many bytes the kernel holds for ``sock`` to read (``FIONREAD``)."""
     buf = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
     return buf[0]
-
-
-def copies_of(fd: int) -> int:
-    """How many descriptors of this process refer to ``fd``'s open file.
-
-    A pipe's two ends share one inode, so for a pipe this counts both ends
-    plus every copy of either.
-    """
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        # The listing's own descriptor is closed by the time we look.
-        with contextlib.suppress(OSError):
-            count += identity(int(name)) == identity(fd)
-    return count
 
 
 async def receive_until_end(chan: FdChannel) -> list[tuple[bytes, int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -15,43 +14,15 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
 
 from aiofdpass import FdChannel, channel_pair
 from aiofdpass._codec import encode_header
 from aiofdpass._outbox import Outbox
 from aiofdpass._writer import SendLock
 
-from .helpers import identity, pipe, small_buffers
+from .helpers import copies_of, fill, identity, pipe, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
-
-
-def raw(chan: FdChannel) -> socket.socket:
-    sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
-    return sock
-
-
-def copies_of(fd: int) -> int:
-    """How many descriptors of this process refer to ``fd``'s open file."""
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        # The listing's own descriptor is closed by the time we look.
-        with contextlib.suppress(OSError):
-            count += identity(int(name)) == identity(fd)
-    return count
-
-
-def fill(sock: socket.socket) -> int:
-    """Fill the socket's buffer with empty records; return how many."""
-    filler = encode_header(0, 0)
-    count = 0
-    while True:
-        try:
-            assert sock.send(filler) == len(filler)
-        except BlockingIOError:
-            return count
-        count += 1
 
 
 async def test_a_partly_written_record_never_lends_its_tail_to_later_fds() -> None:

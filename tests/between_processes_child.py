@@ -1,4 +1,7 @@
-"""A second process for the cross-process tests: ``python child.py MODE FD BACKEND``."""
+"""The peer process for test_between_processes.py.
+
+Run as ``python between_processes_child.py MODE FD BACKEND``.
+"""
 
 from __future__ import annotations
 

@@ -14,17 +14,11 @@ from anyio.abc import Process
 import aiofdpass
 from aiofdpass import FdChannel, ProtocolError
 
-from .helpers import pipe
+from .helpers import backend_id, pipe
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.system]
 
-CHILD = str(Path(__file__).with_name("child.py"))
-
-
-def backend_id(anyio_backend: object) -> str:
-    if isinstance(anyio_backend, tuple):
-        return "uvloop"
-    return str(anyio_backend)
+CHILD = str(Path(__file__).with_name("between_processes_child.py"))
 
 
 async def spawn(mode: str, backend: str) -> tuple[FdChannel, Process]:

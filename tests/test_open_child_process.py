@@ -14,10 +14,11 @@ import pytest
 import aiofdpass
 from aiofdpass import CHANNEL_FD_ENV, channel_from_env, open_child_process
 
-from .helpers import identity, pipe
-from .test_processes import backend_id
+from .helpers import backend_id, identity, pipe
 
-CHILD = str(Path(__file__).with_name("process_child.py"))
+pytestmark = pytest.mark.system
+
+CHILD = str(Path(__file__).with_name("open_child_process_child.py"))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
 

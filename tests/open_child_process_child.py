@@ -1,4 +1,6 @@
-"""Child for test_process.py: ``python process_child.py MODE BACKEND``.
+"""The child for test_open_child_process.py.
+
+Run as ``python open_child_process_child.py MODE BACKEND``.
 
 It gets its channel from :func:`aiofdpass.channel_from_env`.
 """
