@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from ._connection import Connection, adopt_fd
 from ._convert import close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
+from ._statistics import ChannelStatistics
 from ._transport import OPEN
 from ._writer import DEFAULT_CLOSE_TIMEOUT, DIRECT_BYTES, DIRECT_FDS
 
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
 
 __all__ = ["FdChannel", "channel_pair"]
+
+logger = logging.getLogger("aiofdpass")
 
 _DEFAULT_LIMITS = Limits()
 # receive() yields at least every 32nd call when records are buffered.
@@ -58,6 +62,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._eof = False
         self._receiving = False
         self._receive_calls = 0
+        self._records_sent = self._records_received = 0
         # A broken channel closes the descriptors it received at once.
         self._transport.on_recv_break = self._decoder.close
 
@@ -217,6 +222,9 @@ class FdChannel(Connection, ObjectStream[Message]):
             await writer.send_direct(header, payload, numbers)
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
+        self._records_sent += 1
+        self._bytes_sent += nbytes
+        self._fds_sent += nfds
         if close_fds:
             if forwarded is not None:
                 close_forwarded(forwarded)
@@ -267,6 +275,9 @@ class FdChannel(Connection, ObjectStream[Message]):
                     transport.break_all(exc, "the peer broke the framing")
                     raise
                 if message is not None:
+                    self._records_received += 1
+                    self._bytes_received += len(message.data)
+                    self._fds_received += message.nfds
                     return message
                 if self._eof:
                     raise EndOfStream
@@ -288,6 +299,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                 decoder.commit(nbytes, fds)
                 if nbytes == 0:
                     self._eof = True
+                    logger.debug("end of stream from the peer on %r", self)
                     try:
                         decoder.end_of_stream()
                     except ProtocolError as exc:
@@ -295,6 +307,28 @@ class FdChannel(Connection, ObjectStream[Message]):
                         raise
         finally:
             self._receiving = False
+
+    def statistics(self) -> ChannelStatistics:
+        """Return what this channel has sent and received, and what is queued now.
+
+        Counting costs nothing measurable: a few integer additions per
+        record. See :class:`ChannelStatistics`.
+        """
+        outbox = self._writer.outbox
+        return ChannelStatistics(
+            records_sent=self._records_sent,
+            bytes_sent=self._bytes_sent,
+            fds_sent=self._fds_sent,
+            records_received=self._records_received,
+            bytes_received=self._bytes_received,
+            fds_received=self._fds_received,
+            records_queued=outbox.nrecords,
+            bytes_queued=outbox.nbytes,
+            fds_queued=outbox.nfds,
+        )
+
+    def _repr_extra(self) -> str:
+        return f" queued={self._writer.outbox.nrecords}"
 
     def _buffers_closer(self) -> Callable[[], None]:
         return self._decoder.close

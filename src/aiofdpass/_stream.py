@@ -15,6 +15,7 @@ from ._convert import close_sent, filenos_of
 from ._errors import LimitError
 from ._fd import Fd
 from ._message import SCM_MAX_FD
+from ._statistics import StreamStatistics
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -86,6 +87,8 @@ class FdStream(Connection, AsyncResource):
                 f"{SCM_MAX_FD} per sendmsg; split them. Nothing was sent"
             )
         await self._writer.send_bytes([payload] if payload else [], numbers)
+        self._bytes_sent += len(payload)
+        self._fds_sent += len(numbers)
         if close_fds:
             await close_sent(objs)
 
@@ -110,7 +113,18 @@ class FdStream(Connection, AsyncResource):
             if nbytes == 0:
                 raise EndOfStream
             del buf[nbytes:]
+            self._bytes_received += nbytes
+            self._fds_received += len(fds)
             return bytes(buf), fds
+
+    def statistics(self) -> StreamStatistics:
+        """Return what this stream has sent and received (:class:`StreamStatistics`)."""
+        return StreamStatistics(
+            bytes_sent=self._bytes_sent,
+            fds_sent=self._fds_sent,
+            bytes_received=self._bytes_received,
+            fds_received=self._fds_received,
+        )
 
 
 def stream_pair() -> tuple[FdStream, FdStream]:

@@ -248,7 +248,7 @@ async def listen(
     except BaseException:
         sock.close()
         raise
-    return FdListener(
+    listener = FdListener(
         sock,
         path=p,
         identity=identity,
@@ -256,6 +256,8 @@ async def listen(
         allow=policy,
         close_timeout=close_timeout,
     )
+    logger.debug("listening: %r", listener)
+    return listener
 
 
 class FdListener(Listener[FdChannel]):
@@ -283,6 +285,7 @@ class FdListener(Listener[FdChannel]):
         self._identity = identity
         self._limits = limits
         self._closed = False
+        self._accepted = 0
         self._accept_guard = anyio.ResourceGuard("accepting connections from")
 
     @property
@@ -324,12 +327,14 @@ class FdListener(Listener[FdChannel]):
                     await checkpoint()  # a flood of refusals must not starve others
                     continue
                 try:
-                    return FdChannel(
+                    channel = FdChannel(
                         conn, limits=self._limits, close_timeout=self._close_timeout
                     )
                 except BaseException:
                     conn.close()
                     raise
+                self._accepted += 1
+                return channel
 
     async def serve(
         self,
@@ -398,7 +403,15 @@ class FdListener(Listener[FdChannel]):
             anyio.notify_closing(self._sock)
             self._sock.close()
             self._unlink_own_file()
+            logger.debug("stopped listening: %r", self)
         await checkpoint()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "listening"
+        return (
+            f"<FdListener path={self._path!r} fd={self._sock.fileno()} {state} "
+            f"accepted={self._accepted}>"
+        )
 
     def _unlink_own_file(self) -> None:
         if self._identity is None or not isinstance(self._path, str):
