@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import anyio
+from anyio.abc import SocketAttribute
 import pytest
 
 import aiofdpass
@@ -102,7 +103,7 @@ async def test_reprs_say_descriptor_peer_and_state() -> None:
     a, b = aiofdpass.stream_pair()
     async with a, b:
         assert repr(a) == f"<FdStream fd={a.fileno()} {who} open>"
-        raw(a).close()  # the peer's next read says the socket is gone
+        a.extra(SocketAttribute.raw_socket).close()  # gone under its feet
         with pytest.raises(anyio.BrokenResourceError):
             await a.send(b"x")
         assert repr(a) == f"<FdStream fd=-1 {who} send broken>"
@@ -111,7 +112,7 @@ async def test_reprs_say_descriptor_peer_and_state() -> None:
 async def test_listener_repr(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     listener = await aiofdpass.listen(path)
-    fd = listener.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+    fd = listener.extra(SocketAttribute.raw_socket).fileno()
     shown = f"<FdListener path={str(path)!r} fd={fd} listening accepted=0>"
     assert repr(listener) == shown
     async with await aiofdpass.connect(path), await listener.accept():
