@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import anyio
-from anyio.abc import SocketAttribute
 import pytest
+from anyio.abc import SocketAttribute
 
 import aiofdpass
 from aiofdpass import ChannelStatistics, StreamStatistics
