@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docs,package]'
+	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'  # --group (PEP 735)
+	$(PY) -m pip install --quiet -e . --group test --group docs --group package
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,7 +56,7 @@ package: $(STAMP)
 # A quick run does not overwrite the published results.
 BENCH_ARGS ?= $(if $(QUICK),,--json bench/results.json --plot bench/results.png)
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --group bench
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 # Long runs for when the codec or the I/O layer changes (not part of `test`).
 FUZZ ?= 100
