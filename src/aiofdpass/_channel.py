@@ -275,9 +275,12 @@ class FdChannel(Connection, ObjectStream[Message]):
                     transport.break_all(exc, "the peer broke the framing")
                     raise
                 if message is not None:
+                    # Fresh from the decoder: its descriptors are still
+                    # numbers (None when it has none). No property calls here.
                     self._records_received += 1
-                    self._bytes_received += len(message.data)
-                    self._fds_received += message.nfds
+                    self._bytes_received += len(message._data)
+                    if message._numbers is not None:
+                        self._fds_received += len(message._numbers)
                     return message
                 if self._eof:
                     raise EndOfStream
