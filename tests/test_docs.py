@@ -55,6 +55,24 @@ def test_tutorial_processes(backend: str) -> None:
     assert out[1:] == ["answered by the worker: True", "worker exit status: 0"]
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_tutorial_child_memfd_eventfd(backend: str) -> None:
+    assert run("tutorial_child.py", backend).splitlines() == [
+        "eventfd counter: 1",
+        "words counted by the child: 7000",
+        "child exit status: 0",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_tutorial_server(backend: str) -> None:
+    assert run("tutorial_server.py", backend).splitlines() == [
+        "hello, ann",
+        "hello, bob",
+        "hello, cy",
+    ]
+
+
 COMPARE_OUTPUT = "b'a file and a pipe' 2 inheritable: [{0}, {0}]\n" + (
     "b'file contents\\n' b'pipe contents\\n'\n"
 )
@@ -118,7 +136,7 @@ def test_api_page_documents_every_public_name() -> None:
     page = (DOCS / "api.md").read_text()
     documented = set(
         re.findall(r"^\.\. auto\w+:: aiofdpass\.(\w+)$", page, flags=re.M)
-    ) | set(re.findall(r"^\.\. data:: aiofdpass\.(\w+)$", page, flags=re.M))
+    ) | set(re.findall(r"^\.\. data:: (?:aiofdpass\.)?(\w+)$", page, flags=re.M))
     assert documented == set(aiofdpass.__all__)
 
 

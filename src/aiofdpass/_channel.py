@@ -315,7 +315,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         """Return what this channel has sent and received, and what is queued now.
 
         Counting costs nothing measurable: a few integer additions per
-        record. See :class:`ChannelStatistics`.
+        record. See :class:`ChannelStatistics`. It never raises, also after
+        :meth:`aclose`.
         """
         outbox = self._writer.outbox
         return ChannelStatistics(

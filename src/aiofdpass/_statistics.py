@@ -15,26 +15,27 @@ class ChannelStatistics:
     afterwards). Sent means accepted by ``send()``: written to the socket,
     or queued to be written (the ``*_queued`` counts say how much of it
     still waits). Received means returned by ``receive()``. Bytes are the
-    records' data, without the record headers.
+    records' data, without the record headers. Making one never raises.
+
+    :ivar records_sent: Records ``send()`` accepted.
+    :ivar bytes_sent: Their data, in bytes.
+    :ivar fds_sent: Their descriptors.
+    :ivar records_received: Records ``receive()`` returned.
+    :ivar bytes_received: Their data, in bytes.
+    :ivar fds_received: Their descriptors.
+    :ivar records_queued: Records queued now, not yet written completely.
+    :ivar bytes_queued: Bytes queued now, headers included.
+    :ivar fds_queued: Descriptors queued now (the channel's own duplicates).
     """
 
-    #: Records ``send()`` accepted.
     records_sent: int
-    #: Their data, in bytes.
     bytes_sent: int
-    #: Their descriptors.
     fds_sent: int
-    #: Records ``receive()`` returned.
     records_received: int
-    #: Their data, in bytes.
     bytes_received: int
-    #: Their descriptors.
     fds_received: int
-    #: Records queued now, not yet written completely.
     records_queued: int
-    #: Bytes queued now, headers included.
     bytes_queued: int
-    #: Descriptors queued now (the channel's own duplicates).
     fds_queued: int
 
 
@@ -42,14 +43,15 @@ class ChannelStatistics:
 class StreamStatistics:
     """What an :class:`FdStream` has sent and received (no framing, no queue).
 
-    Returned by :meth:`FdStream.statistics`, a snapshot.
+    Returned by :meth:`FdStream.statistics`, a snapshot; it never raises.
+
+    :ivar bytes_sent: Bytes ``send()`` wrote.
+    :ivar fds_sent: Descriptors ``send()`` passed.
+    :ivar bytes_received: Bytes the receiving methods returned.
+    :ivar fds_received: Descriptors the receiving methods returned.
     """
 
-    #: Bytes ``send()`` wrote.
     bytes_sent: int
-    #: Descriptors ``send()`` passed.
     fds_sent: int
-    #: Bytes the receiving methods returned.
     bytes_received: int
-    #: Descriptors the receiving methods returned.
     fds_received: int

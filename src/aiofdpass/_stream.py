@@ -118,7 +118,10 @@ class FdStream(Connection, AsyncResource):
             return bytes(buf), fds
 
     def statistics(self) -> StreamStatistics:
-        """Return what this stream has sent and received (:class:`StreamStatistics`)."""
+        """Return what this stream has sent and received (:class:`StreamStatistics`).
+
+        It never raises, also after :meth:`aclose`.
+        """
         return StreamStatistics(
             bytes_sent=self._bytes_sent,
             fds_sent=self._fds_sent,
