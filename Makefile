@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 .PHONY: docs docs-code package
 .PHONY: fuzz soak
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'  # --group (PEP 735)
-	$(PY) -m pip install --quiet -e . --group test --group docs --group package
+	$(PY) -m pip install --quiet -e . --group test --group docs --group package \
+		--group bench
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -177,3 +177,21 @@ def test_public_callables_document_what_they_raise() -> None:
     ]
     assert undocumented == []
     assert len(public_callables()) > 30  # the walk found the methods
+
+
+def test_every_table_on_the_pages_has_its_header_row() -> None:
+    # A Markdown table without the |---| line under its header renders as
+    # plain text (the benchmarks page once had one).
+    for page in sorted(DOCS.rglob("*.md")):
+        if "_build" in page.parts:
+            continue
+        lines = page.read_text().splitlines()
+        for n, line in enumerate(lines):
+            starts_table = line.startswith("|") and (
+                n == 0 or not lines[n - 1].startswith("|")
+            )
+            if starts_table:
+                below = lines[n + 1] if n + 1 < len(lines) else ""
+                assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", below), (
+                    f"{page.name}:{n + 1}: a table without its header row"
+                )
