@@ -55,6 +55,7 @@ def test_tutorial_processes(backend: str) -> None:
     assert out[1:] == ["answered by the worker: True", "worker exit status: 0"]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_tutorial_child_memfd_eventfd(backend: str) -> None:
     assert run("tutorial_child.py", backend).splitlines() == [
@@ -64,6 +65,7 @@ def test_tutorial_child_memfd_eventfd(backend: str) -> None:
     ]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_tutorial_server(backend: str) -> None:
     assert run("tutorial_server.py", backend).splitlines() == [
