@@ -30,6 +30,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m coverage erase
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
+	$(PY) -m coverage combine --quiet  # the processes the tests started
 	$(PY) -m coverage report
 
 # The docs build is part of the test: a broken reference fails it.
