@@ -55,24 +55,21 @@ def test_tutorial_processes(backend: str) -> None:
     assert out[1:] == ["answered by the worker: True", "worker exit status: 0"]
 
 
-@pytest.mark.system
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_tutorial_child_memfd_eventfd(backend: str) -> None:
-    assert run("tutorial_child.py", backend).splitlines() == [
+TUTORIAL_OUTPUT = {
+    "tutorial_child.py": [  # step 4: open_child_process, a memfd, an eventfd
         "eventfd counter: 1",
         "words counted by the child: 7000",
         "child exit status: 0",
-    ]
+    ],
+    "tutorial_server.py": ["hello, ann", "hello, bob", "hello, cy"],  # step 5
+}
 
 
 @pytest.mark.system
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_tutorial_server(backend: str) -> None:
-    assert run("tutorial_server.py", backend).splitlines() == [
-        "hello, ann",
-        "hello, bob",
-        "hello, cy",
-    ]
+@pytest.mark.parametrize("script", sorted(TUTORIAL_OUTPUT))
+def test_tutorial_steps_4_and_5(script: str, backend: str) -> None:
+    assert run(script, backend).splitlines() == TUTORIAL_OUTPUT[script]
 
 
 COMPARE_OUTPUT = "b'a file and a pipe' 2 inheritable: [{0}, {0}]\n" + (
