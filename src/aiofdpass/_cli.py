@@ -190,6 +190,10 @@ def _count(value: str) -> int:
     raise argparse.ArgumentTypeError(f"not a positive number: {value!r}")
 
 
+def _stream_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--stream", action="store_true", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiofdpass",
@@ -211,11 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="PATH")
     p.add_argument("--count", type=_count, metavar="N", help="stop after N records")
-    p.add_argument(
-        "--stream",
-        action="store_true",
-        help="unframed (FdStream) peers: print each read instead of each record",
-    )
+    _stream_flag(p, "unframed (FdStream) peers: print each read, not each record")
     p.set_defaults(run=_listen, is_async=True)
 
     p = commands.add_parser(
@@ -233,11 +233,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="open this file and send its descriptor (repeat for more)",
     )
-    p.add_argument(
-        "--stream",
-        action="store_true",
-        help="send unframed bytes (FdStream) instead of a record",
-    )
+    _stream_flag(p, "send unframed bytes (FdStream) instead of a record")
     p.set_defaults(run=_send, is_async=True)
 
     p = commands.add_parser(
