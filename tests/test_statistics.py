@@ -12,7 +12,7 @@ from anyio.abc import SocketAttribute
 
 import aiofdpass
 from aiofdpass import ChannelStatistics, StreamStatistics
-from aiofdpass._codec import HEADER_SIZE
+from aiofdpass._codec import HEADER_SIZE, encode_header
 
 from .helpers import fill, pipe, raw
 
@@ -33,8 +33,9 @@ async def test_channel_counts_records_bytes_and_descriptors() -> None:
             await left.send(b"x" * 70_000)  # a large record: written directly
         for _ in range(3):
             (await right.receive()).close()
+        wire = 3 * HEADER_SIZE + 70_003  # headers included
         sent = left.statistics()
-        assert (sent.records_sent, sent.bytes_sent, sent.fds_sent) == (3, 70_003, 3)
+        assert (sent.records_sent, sent.bytes_sent, sent.fds_sent) == (3, wire, 3)
         assert (sent.records_received, sent.bytes_received, sent.fds_received) == (
             0,
             0,
@@ -43,10 +44,34 @@ async def test_channel_counts_records_bytes_and_descriptors() -> None:
         got = right.statistics()
         assert (got.records_received, got.bytes_received, got.fds_received) == (
             3,
-            70_003,
+            wire,
             3,
         )
         assert (got.records_sent, got.records_queued, got.bytes_queued) == (0, 0, 0)
+
+
+async def test_receive_counts_only_the_records_it_returns() -> None:
+    left, right = aiofdpass.channel_pair()
+    async with left, right:
+        with anyio.move_on_after(0):  # cancelled before anything arrived
+            await right.receive()
+        with pipe() as (r, _):
+            await left.send(b"one", [r])
+        # Half of the next record: read, but not a record yet.
+        raw(left).send(encode_header(5, 0) + b"tw")
+        (await right.receive()).close()
+        stats = right.statistics()
+        assert stats.records_received == 1
+        assert stats.fds_received == 1
+        assert HEADER_SIZE + 3 <= stats.bytes_received <= 2 * HEADER_SIZE + 5
+        raw(left).send(b"o!!")
+        await left.send_eof()
+        assert (await right.receive()).data == b"two!!"
+        with pytest.raises(anyio.EndOfStream):
+            await right.receive()
+        stats = right.statistics()
+        assert stats.records_received == 2
+        assert stats.bytes_received == 2 * HEADER_SIZE + 8
 
 
 async def test_statistics_show_what_is_queued_now() -> None:

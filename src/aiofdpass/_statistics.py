@@ -12,17 +12,19 @@ class ChannelStatistics:
     """What an :class:`FdChannel` has sent and received, and holds queued now.
 
     Returned by :meth:`FdChannel.statistics`, a snapshot (it does not change
-    afterwards). Sent means accepted by ``send()``: written to the socket,
-    or queued to be written (the ``*_queued`` counts say how much of it
-    still waits). Received means returned by ``receive()``. Bytes are the
-    records' data, without the record headers. Making one never raises.
+    afterwards); it never raises. Sent means handed to ``send()``: written
+    to the socket, or queued to be written (the ``*_queued`` counts say how
+    much of it still waits). Bytes count as they go over the socket, each
+    record's 12-byte header included. The receiving side counts records
+    ``receive()`` returned, and the bytes and descriptors read from the
+    socket (which include those of a record still arriving).
 
     :ivar records_sent: Records ``send()`` accepted.
-    :ivar bytes_sent: Their data, in bytes.
+    :ivar bytes_sent: Their bytes, headers included.
     :ivar fds_sent: Their descriptors.
     :ivar records_received: Records ``receive()`` returned.
-    :ivar bytes_received: Their data, in bytes.
-    :ivar fds_received: Their descriptors.
+    :ivar bytes_received: Bytes read from the socket, headers included.
+    :ivar fds_received: Descriptors received with them.
     :ivar records_queued: Records queued now, not yet written completely.
     :ivar bytes_queued: Bytes queued now, headers included.
     :ivar fds_queued: Descriptors queued now (the channel's own duplicates).
