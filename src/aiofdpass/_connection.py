@@ -13,6 +13,7 @@ from anyio import ClosedResourceError, TypedAttributeProvider
 from anyio.abc import SocketAttribute
 
 from ._credentials import FdPassAttribute, PeerCredentials, peer_credentials_of
+from ._fd import Fd
 from ._transport import Transport
 from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 
@@ -23,19 +24,29 @@ T = TypeVar("T")
 logger = logging.getLogger("aiofdpass")
 
 
-def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
-    """Return ``make(sock)`` for a socket wrapping descriptor number ``fd``.
+def adopt_fd(fd: int | Fd, make: Callable[[socket.socket], T]) -> T:
+    """Return ``make(sock)`` for a socket wrapping ``fd`` (a number or an `Fd`).
 
-    If ``make`` refuses the socket, the caller still owns ``fd``.
+    If ``make`` refuses the socket, the caller still owns ``fd``; an ``Fd``
+    is taken only once ``make`` succeeded.
     """
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
-    sock = socket.socket(fileno=fd)
+    if isinstance(fd, Fd):
+        number = fd.fileno()
+    elif isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(
+            f"from_fd() takes a descriptor number or an Fd, not {type(fd).__name__}"
+        )
+    else:
+        number = fd
+    sock = socket.socket(fileno=number)
     try:
-        return make(sock)
+        made = make(sock)
     except BaseException:
         sock.detach()  # the caller still owns the number
         raise
+    if isinstance(fd, Fd):
+        fd.take()
+    return made
 
 
 def _check_timeout(value: float) -> float:
