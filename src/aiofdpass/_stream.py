@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -120,19 +120,18 @@ class FdStream(Connection, ByteStream):
 
     async def send(
         self,
-        data: Buffer | list[Buffer] | tuple[Buffer, ...],
+        data: Buffer | Sequence[Buffer],
         fds: Iterable[object] = (),
         *,
         close_fds: bool = False,
     ) -> None:
         """Write all of ``data``; ``fds`` travel with its first byte.
 
-        ``data`` is a bytes-like object, or a list or tuple of them, written
-        in order as one ``sendmsg`` (a header and a payload without joining
-        them). Concurrent sends are serialised. See :meth:`FdChannel.send`
-        for what ``fds`` may contain, ``close_fds``, and cancellation (a
-        send cancelled after part of ``data`` was written breaks the
-        stream).
+        ``data`` is a bytes-like object, or a sequence of them written one
+        after the other (a header and a payload, without joining them).
+        Concurrent sends are serialised. See :meth:`FdChannel.send` for what
+        ``fds`` may contain, ``close_fds``, and cancellation (a send
+        cancelled after part of ``data`` was written breaks the stream).
 
         :raises TypeError: if ``data`` is not bytes-like.
         :raises ValueError: if ``fds`` is given with empty ``data`` (the
@@ -142,19 +141,13 @@ class FdStream(Connection, ByteStream):
             :meth:`send_eof`.
         :raises anyio.BrokenResourceError: if the connection failed.
         """
-        parts = data if isinstance(data, list | tuple) else [data]
-        views = []
-        for part in parts:
-            try:
-                view = memoryview(part).cast("B")
-            except TypeError:
-                raise TypeError(
-                    "send(data): data must be bytes-like (bytes, bytearray, a "
-                    "C-contiguous memoryview...) or a list or tuple of them, "
-                    f"not {type(part).__name__}"
-                ) from None
-            if view:
-                views.append(view)
+        try:
+            views = [memoryview(data).cast("B")]  # type: ignore[arg-type]
+        except TypeError:
+            if not isinstance(data, Sequence):
+                raise _not_bytes(data) from None
+            views = [_byte_view(part) for part in data]
+        views = [view for view in views if view]
         if len(views) > _MAX_BUFFERS:
             views = [memoryview(b"".join(views))]
         objs = list(fds)
@@ -339,6 +332,20 @@ class FdStream(Connection, ByteStream):
 def _check_max_bytes(max_bytes: int) -> None:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
         raise ValueError(f"max_bytes must be an int, at least 1, not {max_bytes!r}")
+
+
+def _byte_view(part: object) -> memoryview:
+    try:
+        return memoryview(part).cast("B")  # type: ignore[arg-type]
+    except TypeError:
+        raise _not_bytes(part) from None
+
+
+def _not_bytes(obj: object) -> TypeError:
+    return TypeError(
+        "send(data): data must be bytes-like (bytes, bytearray, a C-contiguous "
+        f"memoryview...) or a sequence of them, not {type(obj).__name__}"
+    )
 
 
 def stream_pair() -> tuple[FdStream, FdStream]:
