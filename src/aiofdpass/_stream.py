@@ -240,7 +240,7 @@ class FdStream(Connection, ByteStream):
                 try:
                     await self._read(min(nbytes - inbox.pending, _READ_CAP))
                 except EndOfStream:
-                    raise self._incomplete(f"{nbytes} bytes") from None
+                    raise self._incomplete(f"{nbytes} byte(s)") from None
             return inbox.take_with_fds(nbytes)
 
     async def receive_until(
@@ -319,9 +319,9 @@ class FdStream(Connection, ByteStream):
         exc = IncompleteRead()
         exc.args = (
             f"the peer closed the stream before {wanted} arrived; the "
-            f"{inbox.pending} byte(s) that did stay for receive() or "
-            f"receive_with_fds(), and {inbox.queued_fds} queued descriptor(s) "
-            "for take_fds()",
+            f"{inbox.pending} byte(s) that did arrive stay available to "
+            f"receive() and receive_with_fds(), and {inbox.queued_fds} queued "
+            "descriptor(s) to take_fds()",
         )
         return exc
 
