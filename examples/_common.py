@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -42,12 +43,14 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def built_c_program(source: Path) -> Iterator[Path]:
-    """Compile the C file ``source`` with ``$CC`` (default ``cc``); yield the binary.
+    """Compile the C file ``source``; yield the binary.
 
-    The binary lives in a temporary directory, removed on the way out. A
-    failed build raises ``RuntimeError`` with the compiler's messages.
+    The compiler is ``$CC``, else the first of cc, gcc, clang on PATH. The
+    binary lives in a temporary directory, removed on the way out. A failed
+    build raises ``RuntimeError`` with the compiler's messages.
     """
-    compiler = shlex.split(os.environ.get("CC", "cc"))
+    found = (shutil.which(name) for name in ("cc", "gcc", "clang"))
+    compiler = shlex.split(os.environ.get("CC") or next(filter(None, found), "cc"))
     with tempfile.TemporaryDirectory(prefix="aiofdpass-c-") as tmp:
         binary = Path(tmp) / source.stem
         result = subprocess.run(
