@@ -20,7 +20,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from aiofdpass import FdChannel, Message, ProtocolError, channel_pair
+from aiofdpass import FdChannel, Message, ProtocolError, channel_pair, stream_pair
 
 from .helpers import identity, pipe, raw, small_buffers
 
@@ -248,3 +248,62 @@ async def test_many_senders_cancelled_at_random() -> None:
     # were cancelled varies. What must hold is above: received == returned.
     # test_cancel_send_at_every_await_point cancels at each point for sure.
     assert 0 < len(done) <= 500
+
+
+async def one_cancelled_stream_reader(k: int, r: int) -> int:
+    """Read 30 framed records off an FdStream, cancelling reads after ``k`` yields.
+
+    Each record is a line ``<length>`` read with ``receive_until``, then its
+    payload read with ``receive_exactly``; a cancelled read is tried again.
+    """
+    expected = records(30, seed=k)
+    a, b = stream_pair()
+    small_buffers(raw(a), raw(b))
+    payloads: list[bytes] = []
+    nfds = 0
+    cancellations = 0
+    async with a, b, anyio.create_task_group() as tg:
+
+        async def sender() -> None:
+            for data, n in expected:
+                await a.send([b"%d\n" % len(data), data], [r] * n)
+            await a.send_eof()
+
+        tg.start_soon(sender)
+        length: int | None = None
+        for attempt in itertools.count():
+            with anyio.CancelScope() as scope:
+                if attempt % 3 == 2:
+                    pass
+                elif k < 0:
+                    await cancel_after(k, scope)
+                else:
+                    tg.start_soon(cancel_after, k, scope)
+                try:
+                    if length is None:
+                        line, fds = await b.receive_until(b"\n", 100)
+                        length = int(line)
+                    else:
+                        data, fds = await b.receive_exactly(length)
+                        payloads.append(data)
+                        length = None
+                except anyio.IncompleteRead:
+                    break
+                assert all(identity(fd.fileno()) == identity(r) for fd in fds)
+                nfds += len(fds)
+                for fd in fds:
+                    fd.close()
+            cancellations += scope.cancelled_caught
+        assert b.queued_fds == 0
+    # Nothing lost, nothing duplicated, in order; every descriptor once.
+    assert payloads == [data for data, _ in expected]
+    assert nfds == sum(n for _, n in expected)
+    return cancellations
+
+
+async def test_cancel_stream_reads_at_every_await_point() -> None:
+    with pipe() as (r, _):
+        total = 0
+        for k in range(-1, 12):
+            total += await one_cancelled_stream_reader(k, r)
+    assert total > 50
