@@ -330,8 +330,11 @@ class _UnixListener(Listener[ConnectionT]):
 
     @classmethod
     def _take_over(cls, other: _UnixListener[Any]) -> Self:
-        """Return a listener of this class on ``other``'s socket and file."""
-        return cls(
+        """Return a listener of this class on ``other``'s socket and file.
+
+        ``other`` is spent: its ``aclose()`` no longer touches them.
+        """
+        listener = cls(
             other._sock,
             path=other._path,
             identity=other._identity,
@@ -339,6 +342,8 @@ class _UnixListener(Listener[ConnectionT]):
             allow=other._allow,
             close_timeout=other._close_timeout,
         )
+        other._closed = True
+        return listener
 
     def _wrap(self, conn: socket.socket) -> ConnectionT:
         """Return the object that :meth:`accept` hands out for ``conn``."""
