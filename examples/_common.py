@@ -9,6 +9,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -84,3 +85,27 @@ async def start_c_peer(
         await stream.aclose()
         raise
     return process, stream
+
+
+def run_recipe(
+    doc: str | None,
+    checked_run: Callable[[], Awaitable[tuple[list[str], bool]]],
+    name: str,
+    claim: str,
+) -> None:
+    """Be a recipe's ``main``: ``--backend``, ``--self-test``, the exit status.
+
+    ``checked_run()`` runs the scenario and returns its report and whether
+    it is what the recipe expects; the self-test prints PASS or FAIL with
+    ``claim`` and exits 1 on failure.
+    """
+    parser = argument_parser(doc)
+    parser.add_argument("--self-test", action="store_true", help="check the outcome")
+    args = parser.parse_args()
+    report, ok = run(checked_run, backend=args.backend)
+    for line in report:
+        print(line)
+    if args.self_test:
+        verdict = "PASS" if ok else "FAIL"
+        print(f"{name} self-test: {verdict}: {claim} ({args.backend})")
+        sys.exit(0 if ok else 1)

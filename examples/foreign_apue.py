@@ -19,13 +19,12 @@ Every mode takes ``--backend asyncio|uvloop|trio``.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import aiofdpass
 
-from _common import argument_parser, built_c_program, run, start_c_peer
+from _common import built_c_program, run_recipe, start_c_peer
 
 SERVER = Path(__file__).parent / "foreign" / "apue_opend.c"
 
@@ -112,32 +111,21 @@ def expected(directory: Path) -> list[str]:
     ]
 
 
-async def main_async(backend: str, check: bool) -> bool:
-    """Build the server, run the scenario, print it; check it with ``check``."""
+async def checked_run() -> tuple[list[str], bool]:
+    """Build the server and run the scenario: its report, and whether it is right."""
     with (
         built_c_program(SERVER) as server,
         tempfile.TemporaryDirectory(prefix="aiofdpass-apue-") as tmp,
     ):
         report = await scenario(server, Path(tmp))
-    for line in report:
-        print(line.replace(tmp, "$TMP"))
-    ok = report == expected(Path(tmp))
-    if check:
-        print(
-            f"foreign_apue self-test: {'PASS' if ok else 'FAIL'}: two descriptors "
-            f"and two refusals from the C open server ({backend})"
-        )
-    return ok or not check
-
-
-def main() -> None:
-    """Parse the command line and run."""
-    parser = argument_parser(__doc__)
-    parser.add_argument("--self-test", action="store_true", help="check the outcome")
-    args = parser.parse_args()
-    ok = run(main_async, args.backend, args.self_test, backend=args.backend)
-    sys.exit(0 if ok else 1)
+    shown = [line.replace(tmp, "$TMP") for line in report]
+    return shown, report == expected(Path(tmp))
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(
+        __doc__,
+        checked_run,
+        "foreign_apue",
+        "two descriptors and two refusals from the C open server",
+    )

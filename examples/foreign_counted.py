@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
 
-from _common import argument_parser, built_c_program, run
+from _common import built_c_program, run_recipe
 
 CLIENT = Path(__file__).parent / "foreign" / "counted_peer.c"
 
@@ -154,32 +153,20 @@ EXPECTED = [
 ]
 
 
-async def main_async(backend: str, check: bool) -> bool:
-    """Build the client, run the scenario, print it; check it with ``check``."""
+async def checked_run() -> tuple[list[str], bool]:
+    """Build the client and serve it: the report, and whether it is right."""
     with (
         built_c_program(CLIENT) as client,
         tempfile.TemporaryDirectory(prefix="aiofdpass-counted-") as tmp,
     ):
         report = await scenario(client, Path(tmp))
-    for line in report:
-        print(line)
-    ok = report == EXPECTED
-    if check:
-        print(
-            f"foreign_counted self-test: {'PASS' if ok else 'FAIL'}: five messages "
-            f"counted their descriptors, both ways with the C client ({backend})"
-        )
-    return ok or not check
-
-
-def main() -> None:
-    """Parse the command line and run."""
-    parser = argument_parser(__doc__)
-    parser.add_argument("--self-test", action="store_true", help="check the outcome")
-    args = parser.parse_args()
-    ok = run(main_async, args.backend, args.self_test, backend=args.backend)
-    sys.exit(0 if ok else 1)
+    return report, report == EXPECTED
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(
+        __doc__,
+        checked_run,
+        "foreign_counted",
+        "five messages counted their descriptors, both ways with the C client",
+    )

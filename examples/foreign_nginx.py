@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import re
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiofdpass
 
-from _common import argument_parser, built_c_program, run, start_c_peer
+from _common import built_c_program, run_recipe, start_c_peer
 
 MASTER = Path(__file__).parent / "foreign" / "nginx_master.c"
 
@@ -133,29 +132,17 @@ def without_pids(report: list[str]) -> list[str]:
     return [re.sub(r"pid \d+", "pid N", line) for line in report]
 
 
-async def main_async(backend: str, check: bool) -> bool:
-    """Build the master, run the scenario, print it; check it with ``check``."""
+async def checked_run() -> tuple[list[str], bool]:
+    """Build the master and run the worker: its report, and whether it is right."""
     with built_c_program(MASTER) as master:
         report = await scenario(master)
-    for line in report:
-        print(line)
-    ok = without_pids(report) == EXPECTED
-    if check:
-        print(
-            f"foreign_nginx self-test: {'PASS' if ok else 'FAIL'}: channels and a "
-            f"pipe passed both ways with the C master ({backend})"
-        )
-    return ok or not check
-
-
-def main() -> None:
-    """Parse the command line and run."""
-    parser = argument_parser(__doc__)
-    parser.add_argument("--self-test", action="store_true", help="check the outcome")
-    args = parser.parse_args()
-    ok = run(main_async, args.backend, args.self_test, backend=args.backend)
-    sys.exit(0 if ok else 1)
+    return report, without_pids(report) == EXPECTED
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(
+        __doc__,
+        checked_run,
+        "foreign_nginx",
+        "channels and a pipe passed both ways with the C master",
+    )

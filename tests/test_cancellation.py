@@ -18,6 +18,7 @@ from collections import Counter
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
 
 from aiofdpass import FdChannel, Message, ProtocolError, channel_pair, stream_pair
@@ -124,6 +125,20 @@ def records(n: int, seed: int) -> list[tuple[bytes, int]]:
     return out
 
 
+async def arm(attempt: int, k: int, scope: anyio.CancelScope, tg: TaskGroup) -> None:
+    """Have ``scope`` cancelled after ``k`` yields, except on every third attempt.
+
+    The attempts left alone let an operation that needs more than ``k``
+    yields get through.
+    """
+    if attempt % 3 == 2:
+        return
+    if k < 0:
+        await cancel_after(k, scope)
+    else:
+        tg.start_soon(cancel_after, k, scope)
+
+
 async def one_cancelled_receiver(k: int, r: int) -> int:
     """Receive 30 records, cancelling two receives in three after ``k`` yields."""
     expected = records(30, seed=k)
@@ -141,14 +156,7 @@ async def one_cancelled_receiver(k: int, r: int) -> int:
         tg.start_soon(sender)
         for attempt in itertools.count():
             with anyio.CancelScope() as scope:
-                # Every third receive runs uncancelled, so a record that
-                # needs more than k yields still gets through.
-                if attempt % 3 == 2:
-                    pass
-                elif k < 0:
-                    await cancel_after(k, scope)
-                else:
-                    tg.start_soon(cancel_after, k, scope)
+                await arm(attempt, k, scope, tg)
                 try:
                     msg = await b.receive()
                 except anyio.EndOfStream:
@@ -273,12 +281,7 @@ async def one_cancelled_stream_reader(k: int, r: int) -> int:
         length: int | None = None
         for attempt in itertools.count():
             with anyio.CancelScope() as scope:
-                if attempt % 3 == 2:
-                    pass
-                elif k < 0:
-                    await cancel_after(k, scope)
-                else:
-                    tg.start_soon(cancel_after, k, scope)
+                await arm(attempt, k, scope, tg)
                 try:
                     if length is None:
                         line, fds = await b.receive_until(b"\n", 100)

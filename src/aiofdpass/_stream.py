@@ -182,13 +182,7 @@ class FdStream(Connection, ByteStream):
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
         """
-        _check_max_bytes(max_bytes)
-        with self._receive_guard:
-            await self._enter()
-            inbox = self._inbox
-            if not inbox.pending:
-                await self._read(max_bytes)
-            return inbox.take(min(max_bytes, inbox.pending))
+        return self._inbox.take(await self._buffered(max_bytes))
 
     async def receive_with_fds(self, max_bytes: int = 65536) -> tuple[bytes, list[Fd]]:
         """Read once: return up to ``max_bytes`` and the descriptors that came too.
@@ -205,13 +199,7 @@ class FdStream(Connection, ByteStream):
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
         """
-        _check_max_bytes(max_bytes)
-        with self._receive_guard:
-            await self._enter()
-            inbox = self._inbox
-            if not inbox.pending:
-                await self._read(max_bytes)
-            return inbox.take_with_fds(min(max_bytes, inbox.pending))
+        return self._inbox.take_with_fds(await self._buffered(max_bytes))
 
     async def receive_exactly(self, nbytes: int) -> tuple[bytes, list[Fd]]:
         """Return exactly ``nbytes`` bytes and the descriptors that go with them.
@@ -289,6 +277,19 @@ class FdStream(Connection, ByteStream):
                     await self._read(min(window - inbox.pending, _UNTIL_READ))
                 except EndOfStream:
                     raise self._incomplete(f"the delimiter {delimiter!r}") from None
+
+    async def _buffered(self, max_bytes: int) -> int:
+        """Read once unless bytes are buffered; return how many to return (1+).
+
+        Nothing can happen between the return and the caller's take: no
+        await, so no other receiver and no cancellation.
+        """
+        _check_max_bytes(max_bytes)
+        with self._receive_guard:
+            await self._enter()
+            if not self._inbox.pending:
+                await self._read(max_bytes)
+            return min(max_bytes, self._inbox.pending)
 
     async def _enter(self) -> None:
         transport = self._transport
