@@ -216,6 +216,8 @@ async def test_receive_exactly_across_chunk_boundaries() -> None:
             assert await b.receive_exactly(0) == (b"", [])
             with pytest.raises(ValueError, match="nbytes"):
                 await b.receive_exactly(-1)
+            with pytest.raises(TypeError, match="nbytes must be an int"):
+                await b.receive_exactly(2.0)  # type: ignore[arg-type]
 
 
 async def test_byte_by_byte_arrival_with_a_descriptor_on_every_byte() -> None:
@@ -278,6 +280,8 @@ async def test_receive_until() -> None:
             assert ids(fds, files) == [2]
             with pytest.raises(ValueError, match="delimiter"):
                 await b.receive_until(b"", 10)
+            with pytest.raises(TypeError, match="delimiter must be bytes"):
+                await b.receive_until(";", 10)  # type: ignore[arg-type]
             with pytest.raises(ValueError, match="max_bytes"):
                 await b.receive_until(b";", 0)
 

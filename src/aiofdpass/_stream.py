@@ -109,6 +109,7 @@ class FdStream(Connection, ByteStream):
         a message carries, and check the count yourself: a missing
         descriptor means the peer broke the protocol.
 
+        :raises TypeError: if ``n`` is neither an ``int`` nor ``None``.
         :raises ValueError: if ``n`` is negative.
         """
         if n is not None:
@@ -175,6 +176,7 @@ class FdStream(Connection, ByteStream):
         with :meth:`take_fds` (or with the next call that returns
         descriptors). Cancellation loses nothing.
 
+        :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
@@ -192,6 +194,7 @@ class FdStream(Connection, ByteStream):
         :meth:`receive` left queued. Bytes already buffered come first,
         without a read.
 
+        :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
@@ -210,6 +213,7 @@ class FdStream(Connection, ByteStream):
         first byte of its ``sendmsg``. Cancellation loses nothing: what was
         read stays buffered for the next call.
 
+        :raises ValueError: if ``nbytes`` is negative.
         :raises anyio.IncompleteRead: if the peer closed before ``nbytes``
             arrived; the bytes and descriptors that did arrive stay
             available to :meth:`receive`, :meth:`receive_with_fds` and
@@ -219,8 +223,7 @@ class FdStream(Connection, ByteStream):
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
         """
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-            raise ValueError(f"nbytes must be an int, 0 or more, not {nbytes!r}")
+        _check_size("nbytes", nbytes, 0)
         with self._receive_guard:
             await self._enter()
             inbox = self._inbox
@@ -244,6 +247,7 @@ class FdStream(Connection, ByteStream):
         stays queued.
 
         :param max_bytes: the most bytes that may come before the delimiter.
+        :raises ValueError: for an empty delimiter, or ``max_bytes`` under 1.
         :raises anyio.DelimiterNotFound: if ``max_bytes`` bytes arrived and
             the delimiter is not among them or right after them; nothing
             is consumed.
@@ -255,11 +259,11 @@ class FdStream(Connection, ByteStream):
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
         """
-        if not isinstance(delimiter, bytes) or not delimiter:
-            raise ValueError(
-                f"the delimiter must be non-empty bytes, not {delimiter!r}"
-            )
-        _check_max_bytes(max_bytes)
+        if not isinstance(delimiter, bytes):
+            raise TypeError(f"the delimiter must be bytes, not {delimiter!r}")
+        if not delimiter:
+            raise ValueError("the delimiter must be at least one byte long")
+        _check_size("max_bytes", max_bytes, 1)
         size = len(delimiter)
         window = max_bytes + size
         with self._receive_guard:
@@ -284,7 +288,7 @@ class FdStream(Connection, ByteStream):
         Nothing can happen between the return and the caller's take: no
         await, so no other receiver and no cancellation.
         """
-        _check_max_bytes(max_bytes)
+        _check_size("max_bytes", max_bytes, 1)
         with self._receive_guard:
             await self._enter()
             if not self._inbox.pending:
@@ -330,9 +334,11 @@ class FdStream(Connection, ByteStream):
         return self._inbox.close
 
 
-def _check_max_bytes(max_bytes: int) -> None:
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be an int, at least 1, not {max_bytes!r}")
+def _check_size(name: str, value: int, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
 def _byte_view(part: object) -> memoryview:
