@@ -70,6 +70,12 @@ class _Finaliser:
 class Connection(TypedAttributeProvider):
     """A connected AF_UNIX stream socket owned by a channel or stream."""
 
+    # The socket path as the user named it, where the kernel's name differs
+    # (a path too long for sun_path is bound as /proc/self/fd/N/<name>):
+    # set by connect() (remote) and accept() (local).
+    _local_name: str | bytes | None = None
+    _remote_name: str | bytes | None = None
+
     def __init__(
         self, sock: socket.socket, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     ) -> None:
@@ -194,10 +200,15 @@ class Connection(TypedAttributeProvider):
         Also ``FdPassAttribute.peer_credentials``.
         """
         sock = self._transport.sock
+        local, remote = self._local_name, self._remote_name
         return {
             SocketAttribute.family: lambda: socket.AF_UNIX,
-            SocketAttribute.local_address: sock.getsockname,
-            SocketAttribute.remote_address: sock.getpeername,
+            SocketAttribute.local_address: (
+                sock.getsockname if local is None else lambda: local
+            ),
+            SocketAttribute.remote_address: (
+                sock.getpeername if remote is None else lambda: remote
+            ),
             SocketAttribute.raw_socket: lambda: sock,
             FdPassAttribute.peer_credentials: lambda: self.peer_credentials,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -115,6 +116,15 @@ def make_policy(
     if allow is None:
         return None
     if callable(allow):
+        # An object whose __call__ is async is one too.
+        call = getattr(type(allow), "__call__", None)  # noqa: B004
+        if inspect.iscoroutinefunction(allow) or inspect.iscoroutinefunction(call):
+            raise TypeError(
+                f"allow={allow!r} is an async function: its result (a coroutine) "
+                "would admit everyone. Pass a plain function PeerCredentials -> "
+                "bool (the credentials are all there when it is called), or a "
+                "collection of uids"
+            )
         return allow
     if isinstance(allow, str | bytes) or not isinstance(allow, Collection):
         raise TypeError(
@@ -134,8 +144,10 @@ def make_policy(
 def check_peer(sock: socket.socket, policy: Callable[[PeerCredentials], bool]) -> bool:
     """Return whether ``policy`` admits the peer of a freshly accepted ``sock``.
 
-    Nothing is read from the socket. A policy that raises refuses the peer
-    (the error is logged): a bug in a policy must not let anyone in.
+    Nothing is read from the socket. Only ``True`` admits: a policy that
+    raises, or returns anything but a ``bool`` (a coroutine, ``None``),
+    refuses the peer and the error is logged: a bug in a policy must not let
+    anyone in.
     """
     try:
         creds = peer_credentials_of(sock)
@@ -143,11 +155,23 @@ def check_peer(sock: socket.socket, policy: Callable[[PeerCredentials], bool]) -
         logger.warning("refused a connection: cannot read its credentials: %s", exc)
         return False
     try:
-        admitted = bool(policy(creds))
+        admitted = policy(creds)
     except Exception:
         logger.exception(
             "the listener's allow policy %r raised for %s; the peer was refused",
             policy,
+            creds,
+        )
+        return False
+    if not isinstance(admitted, bool):
+        if inspect.iscoroutine(admitted):
+            admitted.close()  # never awaited, and no warning about it
+        logger.error(
+            "the listener's allow policy %r returned %r for %s, not True or "
+            "False; the peer was refused. A policy is a plain function that "
+            "returns a bool",
+            policy,
+            admitted,
             creds,
         )
         return False
