@@ -298,3 +298,16 @@ async def test_so_passcred_on_an_accepted_channel_and_a_stream(tmp_path: Path) -
                 for fd in fds:
                     fd.close()
                 assert client.peer_credentials == server.peer_credentials == ME
+
+
+async def test_the_umask_never_loosens_and_never_narrows_the_mode(tmp_path: Path) -> None:
+    # The socket gets ``mode`` before bind; the file is made with it minus
+    # the umask (never looser), then given back what the umask took.
+    old_umask = os.umask(0o077)
+    try:
+        for mode in (0o660, 0o666, 0o600, 0o000):
+            path = tmp_path / f"{mode:o}.sock"
+            async with await aiofdpass.listen(path, mode=mode):
+                assert stat.S_IMODE(os.lstat(path).st_mode) == mode
+    finally:
+        os.umask(old_umask)

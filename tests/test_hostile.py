@@ -10,19 +10,27 @@ descriptor table as a whole).
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import socket
+import stat
 import struct
+import sys
+import tempfile
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
 
-from aiofdpass import Limits, ProtocolError, channel_pair
+import aiofdpass
+from aiofdpass import Limits, PeerCredentials, ProtocolError, channel_pair
 from aiofdpass._codec import READ_SIZE
 
-from .helpers import raw, small_buffers
+from .helpers import backend_id, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
 
@@ -273,3 +281,208 @@ async def test_peer_half_closes_between_records_and_still_reads(
             assert reply.data == b"reply" and len(reply.fds) == 2
         probe.drop_mine()
         assert probe.released()
+
+
+# -- Round two (issue 12): fail closed, touch nothing that is not ours -------
+
+
+async def test_an_async_allow_policy_is_refused_at_listen(tmp_path: Path) -> None:
+    # Its coroutine would be truthy: every peer would get in.
+    async def policy(creds: PeerCredentials) -> bool:
+        return False
+
+    class AsyncCallable:
+        async def __call__(self, creds: PeerCredentials) -> bool:
+            return False
+
+    for allow in (policy, AsyncCallable()):
+        with pytest.raises(TypeError, match="async function"):
+            await aiofdpass.listen(tmp_path / "s.sock", allow=allow)  # type: ignore[arg-type]
+        assert os.listdir(tmp_path) == []
+
+
+async def test_a_policy_returning_anything_but_a_bool_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def later(creds: PeerCredentials) -> bool:
+        return True
+
+    def returns_a_coroutine(creds: PeerCredentials) -> bool:
+        return later(creds)  # type: ignore[return-value]
+
+    def returns_a_string(creds: PeerCredentials) -> bool:
+        return "yes"  # type: ignore[return-value]
+
+    path = tmp_path / "s.sock"
+    for policy in (returns_a_coroutine, returns_a_string):
+        async with (
+            await aiofdpass.listen(path, allow=policy) as listener,
+            await aiofdpass.connect(path) as peer,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(listener.accept)
+            with anyio.fail_after(10):  # a hang guard: admitted, it would wait
+                # Refused and closed unread: it sees the close.
+                with pytest.raises(anyio.EndOfStream):
+                    await peer.receive()
+            tg.cancel_scope.cancel()
+    assert caplog.text.count("not True or False; the peer was refused") == 2
+
+
+# Another user tries listen() on the path. Run as root, the child imports
+# what it needs, then becomes nobody (the interpreter may live where nobody
+# can read it); run as anyone else, it stays this user, whom a mode-0
+# socket file refuses just the same (EACCES).
+LISTEN_AS_ANOTHER_USER = """
+import os, sys, anyio, aiofdpass, anyio._backends._asyncio, anyio._backends._trio
+import trio, uvloop
+
+async def main():
+    try:
+        listener = await aiofdpass.listen(sys.argv[1])
+    except OSError as exc:
+        print(exc.errno, exc)
+    else:
+        await listener.aclose()
+        print("listened")
+
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+backend = sys.argv[2]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+
+async def _listen_as_another_user(path: str, anyio_backend: object) -> str:
+    result = await anyio.run_process(
+        [sys.executable, "-c", LISTEN_AS_ANOTHER_USER, path, backend_id(anyio_backend)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    return result.stdout.decode()
+
+
+@pytest.mark.system
+async def test_listen_never_removes_a_socket_it_cannot_probe(
+    anyio_backend: object,
+) -> None:
+    # A directory anyone may create and remove files in; the socket file
+    # refuses the other user's probe (EACCES). Only ECONNREFUSED is stale.
+    directory = tempfile.mkdtemp()
+    try:
+        os.chmod(directory, 0o777)  # noqa: S103 - the shared directory of the attack
+        path = os.path.join(directory, "s.sock")
+        async with await aiofdpass.listen(path) as listener:
+            os.chmod(path, 0)
+            out = await _listen_as_another_user(path, anyio_backend)
+            assert out.startswith(f"{errno.EADDRINUSE} [Errno {errno.EADDRINUSE}] another process")
+            # Still ours, and live: our clients still reach us.
+            async with await aiofdpass.connect(path) as client:
+                async with await listener.accept() as server:
+                    await client.send(b"still here")
+                    assert (await server.receive()).data == b"still here"
+        # Stale, but the other user cannot tell: refused, and left in place.
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()
+        os.chmod(path, 0)
+        out = await _listen_as_another_user(path, anyio_backend)
+        assert out.startswith(f"{errno.EACCES} [Errno {errno.EACCES}] cannot tell whether"), out
+        assert "remove it yourself" in out
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        shutil.rmtree(directory)
+
+
+async def test_a_refused_listen_is_not_a_connection_to_the_live_server(
+    tmp_path: Path,
+) -> None:
+    # The liveness check asks the kernel; it does not connect. The first
+    # connection the live server accepts is a real client's.
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        for _ in range(3):
+            with pytest.raises(OSError, match="another process is listening") as info:
+                await aiofdpass.listen(path)
+            assert info.value.errno == errno.EADDRINUSE
+        async with await aiofdpass.connect(path) as client:
+            await client.send(b"real")
+            async with await listener.accept() as server:
+                assert (await server.receive()).data == b"real"
+
+
+async def test_a_socket_of_another_type_is_live(tmp_path: Path) -> None:
+    # A datagram socket bound to the path: connect() would say EPROTOTYPE.
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        dgram.bind(str(path))
+        with pytest.raises(OSError, match="another process is listening") as info:
+            await aiofdpass.listen(path)
+        assert info.value.errno == errno.EADDRINUSE
+        # And a stream socket that is bound but not listening yet (its
+        # server is starting: connect() would say ECONNREFUSED).
+        starting = tmp_path / "starting.sock"
+        with socket.socket(socket.AF_UNIX) as early:
+            early.bind(str(starting))
+            with pytest.raises(OSError, match="another process is listening"):
+                await aiofdpass.listen(starting)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+async def test_long_file_names_are_refused_unless_connect_can_reach_them(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    unreachable = deep / ("n" * 100)  # no sun_path form of it fits in 108 bytes
+    with pytest.raises(OSError, match="connect.. could not reach it") as info:
+        await aiofdpass.listen(unreachable)
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(deep) == []
+    # connect() says why it cannot (the socket module's own words kept).
+    with pytest.raises(OSError, match="AF_UNIX path too long") as info:
+        await aiofdpass.connect(unreachable)
+    assert info.value.errno == errno.ENAMETOOLONG
+    # A long path with a short enough file name works, under its real name.
+    reachable = deep / ("n" * 60)
+    async with await aiofdpass.listen(reachable) as listener:
+        async with await aiofdpass.connect(reachable) as client:
+            async with await listener.accept() as server:
+                assert client.extra(SocketAttribute.remote_address) == str(reachable)
+                assert server.extra(SocketAttribute.local_address) == str(reachable)
+        with pytest.raises(OSError, match="another process is listening"):
+            await aiofdpass.listen(reachable)
+
+
+async def test_listen_and_connect_errors_say_what_happened(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "s.sock"
+    with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; create it first"):
+        await aiofdpass.listen(missing)
+    assert os.listdir(tmp_path) == []
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    with pytest.raises(OSError, match="it is a file, not a socket") as info:
+        await aiofdpass.connect(regular)
+    assert info.value.errno == errno.ENOTSOCK
+    with pytest.raises(OSError, match="it is a directory, not a socket"):
+        await aiofdpass.connect_stream(tmp_path)
+
+
+async def test_remote_address_is_the_real_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        async with await aiofdpass.connect(path) as client:
+            async with await listener.accept() as server:
+                assert client.extra(SocketAttribute.remote_address) == str(path)
+                assert server.extra(SocketAttribute.local_address) == str(path)
+                # The kernel's own name for it, too.
+                assert raw(client).getpeername() == str(path)
+        async with await aiofdpass.connect_stream(path) as stream:
+            assert stream.extra(SocketAttribute.remote_address) == str(path)
+            async with await listener.accept():
+                pass
