@@ -300,7 +300,7 @@ async def test_so_passcred_on_an_accepted_channel_and_a_stream(tmp_path: Path) -
                 assert client.peer_credentials == server.peer_credentials == ME
 
 
-async def test_the_umask_never_loosens_and_never_narrows_the_mode(tmp_path: Path) -> None:
+async def test_the_umask_never_loosens_nor_narrows_the_mode(tmp_path: Path) -> None:
     # The socket gets ``mode`` before bind; the file is made with it minus
     # the umask (never looser), then given back what the umask took.
     old_umask = os.umask(0o077)

@@ -375,12 +375,13 @@ async def test_listen_never_removes_a_socket_it_cannot_probe(
     # refuses the other user's probe (EACCES). Only ECONNREFUSED is stale.
     directory = tempfile.mkdtemp()
     try:
-        os.chmod(directory, 0o777)  # noqa: S103 - the shared directory of the attack
+        os.chmod(directory, 0o777)  # the shared directory of the attack
         path = os.path.join(directory, "s.sock")
         async with await aiofdpass.listen(path) as listener:
             os.chmod(path, 0)
             out = await _listen_as_another_user(path, anyio_backend)
-            assert out.startswith(f"{errno.EADDRINUSE} [Errno {errno.EADDRINUSE}] another process")
+            in_use = errno.EADDRINUSE
+            assert out.startswith(f"{in_use} [Errno {in_use}] another process"), out
             # Still ours, and live: our clients still reach us.
             async with await aiofdpass.connect(path) as client:
                 async with await listener.accept() as server:
@@ -392,7 +393,8 @@ async def test_listen_never_removes_a_socket_it_cannot_probe(
         stale.close()
         os.chmod(path, 0)
         out = await _listen_as_another_user(path, anyio_backend)
-        assert out.startswith(f"{errno.EACCES} [Errno {errno.EACCES}] cannot tell whether"), out
+        denied = errno.EACCES
+        assert out.startswith(f"{denied} [Errno {denied}] cannot tell whether"), out
         assert "remove it yourself" in out
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
     finally:
@@ -461,7 +463,7 @@ async def test_long_file_names_are_refused_unless_connect_can_reach_them(
 
 async def test_listen_and_connect_errors_say_what_happened(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "s.sock"
-    with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; create it first"):
+    with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; create"):
         await aiofdpass.listen(missing)
     assert os.listdir(tmp_path) == []
     regular = tmp_path / "regular"
