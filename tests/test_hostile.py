@@ -11,7 +11,10 @@ descriptor table as a whole).
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
 import os
+import re
 import shutil
 import socket
 import stat
@@ -30,7 +33,7 @@ import aiofdpass
 from aiofdpass import Limits, PeerCredentials, ProtocolError, channel_pair
 from aiofdpass._codec import READ_SIZE
 
-from .helpers import backend_id, raw, small_buffers
+from .helpers import backend_id, copies_of, pipe, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
 
@@ -488,3 +491,129 @@ async def test_remote_address_is_the_real_path(tmp_path: Path) -> None:
             assert stream.extra(SocketAttribute.remote_address) == str(path)
             async with await listener.accept():
                 pass
+
+
+def _children() -> list[str]:
+    """This process's child processes, running or not yet waited for."""
+    pids = []
+    for name in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{name}/children") as f:
+            pids += f.read().split()
+    return pids
+
+
+@pytest.mark.system
+async def test_cancelled_open_child_process_leaves_nothing_behind() -> None:
+    # Cancel it after k scheduler yields, for every k until it completes:
+    # each time, both channel ends are closed and any child started is
+    # killed and waited for (the autouse fixture checks the descriptors;
+    # warnings are errors, so a ResourceWarning fails too).
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    for k in itertools.count(-1):
+        assert _children() == []
+        started = None
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as scope:
+                tg.start_soon(_cancel_after, k, scope)
+                started = await aiofdpass.open_child_process(command)
+        gc.collect()
+        if started is not None:
+            process, chan = started
+            async with process, chan:
+                process.kill()
+            break
+        assert _children() == [], k
+    assert k > 0  # the sweep reached inside the call
+
+
+async def _cancel_after(k: int, scope: anyio.CancelScope) -> None:
+    for _ in range(k):
+        await anyio.lowlevel.checkpoint()
+    scope.cancel()
+
+
+async def test_serve_without_a_task_group_raises_closed_resource_error(
+    tmp_path: Path,
+) -> None:
+    listener = await aiofdpass.listen(tmp_path / "s.sock")
+
+    async def handler(chan: aiofdpass.FdChannel) -> None:
+        pass
+
+    async with anyio.create_task_group() as tg:
+
+        async def serve() -> None:
+            # The documented error itself, not an ExceptionGroup around it.
+            with pytest.raises(anyio.ClosedResourceError):
+                await listener.serve(handler)
+
+        tg.start_soon(serve)
+        await anyio.wait_all_tasks_blocked()
+        await listener.aclose()
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**63])
+async def test_a_number_out_of_descriptor_range_is_refused_before_anything(
+    probe: Probe, bad: int
+) -> None:
+    a, b = channel_pair()
+    async with a, b:
+        before = copies_of(probe.w)
+        for fds in ([probe.w, bad], [probe.w] * 20 + [bad]):  # queued, direct
+            for _ in range(3):  # a burst: the queued path duplicates first
+                with pytest.raises(ValueError, match="between 0 and 2147483647"):
+                    await a.send(b"x", fds)
+        assert copies_of(probe.w) == before  # nothing duplicated, nothing kept
+        with pytest.raises(ValueError, match="between 0 and 2147483647"):
+            aiofdpass.Fd(bad)
+        await a.send_eof()
+        with pytest.raises(anyio.EndOfStream):  # nothing was sent
+            await b.receive()
+
+
+async def test_message_data_must_be_bytes() -> None:
+    for data in (5, 10**9, "text"):
+        with pytest.raises(TypeError, match="Message data must be bytes-like"):
+            aiofdpass.Message(data)  # type: ignore[arg-type]
+    assert aiofdpass.Message(bytearray(b"ok")).data == b"ok"
+
+
+async def test_a_bare_descriptor_for_fds_says_to_pass_a_list(probe: Probe) -> None:
+    a, b = channel_pair()
+    s, t = aiofdpass.stream_pair()
+    async with a, b, s, t:
+        with socket.socket(socket.AF_UNIX) as sock:
+            for bare, shown in ((probe.w, str(probe.w)), (sock, "<socket.socket")):
+                with pytest.raises(TypeError, match=rf"pass \[{re.escape(shown)}"):
+                    await a.send(b"x", bare)  # type: ignore[arg-type]
+                with pytest.raises(TypeError, match="pass \\["):
+                    await s.send(b"x", bare)  # type: ignore[arg-type]
+
+
+async def test_adopting_a_bad_descriptor_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pipe() as (r, _):
+        with pytest.raises(
+            OSError, match=rf"from_fd\({r}\): descriptor {r} is not a socket"
+        ):
+            aiofdpass.FdChannel.from_fd(r)
+        with pytest.raises(OSError, match=rf"descriptor {r} is not a socket"):
+            aiofdpass.FdStream.from_fd(r)
+        monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(r))
+        with pytest.raises(OSError, match=f"AIOFDPASS_CHANNEL_FD='{r}'"):
+            aiofdpass.channel_from_env()
+        os.fstat(r)  # still open: the caller still owns it
+    closed = os.dup(0)
+    os.close(closed)
+    monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(closed))
+    with pytest.raises(
+        OSError,
+        match=rf"FD='{closed}': from_fd\({closed}\): descriptor {closed} is not open",
+    ) as info:
+        aiofdpass.channel_from_env()
+    assert info.value.errno == errno.EBADF
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(dgram.fileno()))
+        with pytest.raises(ValueError, match="AIOFDPASS_CHANNEL_FD=.*SOCK_STREAM"):
+            aiofdpass.channel_from_env()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -30,9 +31,22 @@ def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
     """
     if isinstance(fd, bool) or not isinstance(fd, int):
         raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        what = "is not open" if exc.errno == errno.EBADF else "is not a socket"
+        raise OSError(
+            exc.errno,
+            f"from_fd({fd}): descriptor {fd} {what} ({exc.strerror}); pass a "
+            "connected AF_UNIX stream socket",
+        ) from None
+    except (ValueError, OverflowError):
+        raise ValueError(f"from_fd({fd}): {fd} is not a descriptor number") from None
     try:
         return make(sock)
+    except ValueError as exc:
+        sock.detach()  # the caller still owns the number
+        raise ValueError(f"from_fd({fd}): {exc}") from None
     except BaseException:
         sock.detach()  # the caller still owns the number
         raise

@@ -583,21 +583,30 @@ class FdListener(Listener[FdChannel]):
                 # on it) forever.
                 await channel.aclose()
 
+        # What ends the accept loop is raised once the task group is left:
+        # raised inside our own group, it would come out wrapped in an
+        # ExceptionGroup instead of the documented error.
+        error: Exception | None = None
         async with AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-            while True:
+            while error is None:
                 try:
                     channel = await self.accept()
                 except OSError as exc:
                     if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                        raise
+                        error = exc
+                        continue
                     logger.warning(
                         "accept failed: %s; retrying in %ss", exc, _EMFILE_BACKOFF
                     )
                     await anyio.sleep(_EMFILE_BACKOFF)
                     continue
+                except Exception as exc:  # ClosedResourceError, BusyResourceError
+                    error = exc
+                    continue
                 task_group.start_soon(run, channel)
+        raise error
 
     async def aclose(self) -> None:
         """Stop listening and remove the socket file this listener created.
