@@ -617,3 +617,46 @@ async def test_adopting_a_bad_descriptor_names_it(
         monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(dgram.fileno()))
         with pytest.raises(ValueError, match="AIOFDPASS_CHANNEL_FD=.*SOCK_STREAM"):
             aiofdpass.channel_from_env()
+
+
+async def test_memory_grows_with_the_bytes_that_arrived_not_the_header() -> None:
+    # 13 bytes (a header announcing 100 MiB, and one byte of it) commit no
+    # memory for the announced payload: a stalled peer costs one read's
+    # worth. Then the payload trickles in and the buffer grows with it.
+    size = 100 * 1024 * 1024
+    a, b = channel_pair(limits=Limits(max_payload=size))
+    async with a, b:
+        raw(a).sendall(header(0, size) + b"x")
+        tracemalloc.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.receive)
+                await anyio.wait_all_tasks_blocked()  # it waits for the rest
+                _, peak = tracemalloc.get_traced_memory()
+                tg.cancel_scope.cancel()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024 * 1024, peak  # the event loop's own allocations too
+        # Nothing was lost to the cancellation, and the record arrives whole
+        # when the rest is sent; memory stays within twice what arrived.
+        chunk = b"y" * (1024 * 1024)
+        sent = 1
+
+        async def send_rest() -> None:
+            nonlocal sent
+            while sent < size:
+                n = min(len(chunk), size - sent)
+                await anyio.wait_writable(raw(a))
+                sent += raw(a).send(chunk[:n])
+
+        tracemalloc.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_rest)
+                msg = await b.receive()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(msg.data) == size and msg.data[:2] == b"xy"
+        # The buffer (grown by doubling) and the message's own copy.
+        assert peak < 3 * size, peak

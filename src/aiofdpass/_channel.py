@@ -274,7 +274,11 @@ class FdChannel(Connection, ObjectStream[Message]):
                     raise EndOfStream
                 if self._writer.outbox.nbytes:
                     self._writer.idle()  # what we queued goes out before we read
-                view = decoder.get_buffer()
+                try:
+                    view = decoder.get_buffer()
+                except ProtocolError as exc:  # out of memory for the record
+                    transport.break_all(exc, "no memory for the record")
+                    raise
                 try:
                     # Transport.recv_into's loop, inlined: one coroutine less
                     # per read on the ping-pong path.
