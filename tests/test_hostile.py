@@ -660,3 +660,36 @@ async def test_memory_grows_with_the_bytes_that_arrived_not_the_header() -> None
         assert len(msg.data) == size and msg.data[:2] == b"xy"
         # The buffer (grown by doubling) and the message's own copy.
         assert peak < 3 * size, peak
+
+
+async def test_peer_closes_with_our_record_unread_is_end_of_stream(
+    probe: Probe,
+) -> None:
+    # Linux reports ECONNRESET to us, after the peer's own records, when it
+    # closed with data of ours unread. Its direction ended at a record
+    # boundary: that is end of stream, and async for ends cleanly.
+    a, b = channel_pair()
+    async with b:
+        await b.send(b"never read", probe.copies(1))
+        await a.send(b"one", probe.copies(1))
+        await a.send(b"two")
+        await a.aclose()
+        probe.drop_mine()
+        got = []
+        async for msg in b:
+            with msg:
+                got.append((msg.data, msg.nfds))
+        assert got == [(b"one", 1), (b"two", 0)]
+        with pytest.raises(anyio.EndOfStream):
+            await b.receive()
+        with pytest.raises(anyio.BrokenResourceError):  # nobody reads: EPIPE
+            await b.send(b"more")
+        assert probe.released()
+    # Inside a record it is still a truncated record.
+    c, d = channel_pair()
+    async with d:
+        await d.send(b"never read")
+        raw(c).sendall(header(0, 10) + b"part")
+        await c.aclose()
+        with pytest.raises(ProtocolError, match="middle of a record"):
+            await d.receive()
