@@ -317,3 +317,45 @@ async def test_the_umask_never_loosens_nor_narrows_the_mode(tmp_path: Path) -> N
                 assert stat.S_IMODE(os.lstat(path).st_mode) == mode
     finally:
         os.umask(old_umask)
+
+
+def _pidfd_pid(fd: aiofdpass.Fd) -> int:
+    """The pid a pidfd refers to (-1 once the process exited and was reaped)."""
+    with open(f"/proc/self/fdinfo/{fd.fileno()}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise AssertionError("not a pidfd")
+
+
+@pytest.mark.system
+async def test_peer_pidfd_pins_the_connecting_process(tmp_path: Path) -> None:
+    # SO_PEERPIDFD (Linux 6.5+): unlike the pid, the pidfd never comes to
+    # name another process once the peer is gone.
+    path = tmp_path / "s.sock"
+    client = textwrap.dedent(
+        f"""
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({str(path)!r})
+        s.recv(1)
+        """
+    )
+    async with await aiofdpass.listen(path) as listener:
+        async with await anyio.open_process(
+            [sys.executable, "-c", client], stdin=subprocess.DEVNULL
+        ) as proc:
+            async with await listener.accept() as chan:
+                with chan.peer_pidfd() as pidfd:
+                    assert _pidfd_pid(pidfd) == proc.pid == chan.peer_credentials.pid
+                    assert os.get_inheritable(pidfd.fileno()) is False
+                    await chan.send(b"bye")
+                    assert await proc.wait() == 0
+                    assert _pidfd_pid(pidfd) == -1  # gone, and nobody else
+        # A channel_pair's peer is the process that made the pair.
+        a, b = aiofdpass.channel_pair()
+        async with a, b:
+            with a.peer_pidfd() as mine:
+                assert _pidfd_pid(mine) == os.getpid()
+        with pytest.raises(anyio.ClosedResourceError):
+            a.peer_pidfd()

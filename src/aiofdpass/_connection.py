@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 from anyio import ClosedResourceError, TypedAttributeProvider
 from anyio.abc import SocketAttribute
 
-from ._credentials import FdPassAttribute, PeerCredentials, peer_credentials_of
+from ._credentials import (
+    FdPassAttribute,
+    PeerCredentials,
+    peer_credentials_of,
+    peer_pidfd_of,
+)
+from ._fd import Fd
 from ._transport import Transport
 from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 
@@ -140,6 +146,27 @@ class Connection(TypedAttributeProvider):
                 raise ClosedResourceError("this connection was closed with aclose()")
             self._peer_credentials = peer_credentials_of(self._transport.sock)
         return self._peer_credentials
+
+    def peer_pidfd(self) -> Fd:
+        """Return a pidfd for the peer process, as an :class:`Fd` the caller owns.
+
+        Linux 6.5+ (``SO_PEERPIDFD``): the process that made the connection
+        (for a :func:`channel_pair`, the one that made the pair), pinned:
+        unlike :attr:`PeerCredentials.pid`, a pidfd never comes to name
+        another process once the peer exits, so checks made through it
+        (``/proc/self/fdinfo/<fd>`` gives its pid, ``-1`` once it has exited
+        and been reaped; ``pidfd_send_signal``, ``poll`` for its exit) have no
+        pid-reuse race. Each call returns a new descriptor; close it.
+
+        On older kernels it raises ``OSError`` ``ENOPROTOOPT``: fall back to
+        :attr:`peer_credentials` (uid and gid are race-free; the pid is not).
+
+        :raises anyio.ClosedResourceError: if the connection was closed.
+        :raises OSError: ``ENOPROTOOPT`` before Linux 6.5.
+        """
+        if self._transport.closed:
+            raise ClosedResourceError("this connection was closed with aclose()")
+        return Fd._adopt(peer_pidfd_of(self._transport.sock))
 
     async def send_eof(self) -> None:
         """Write what is queued, then shut down the sending side.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import os
@@ -19,6 +20,7 @@ __all__ = [
     "check_peer",
     "make_policy",
     "peer_credentials_of",
+    "peer_pidfd_of",
     "same_user",
 ]
 
@@ -63,6 +65,37 @@ def peer_credentials_of(sock: socket.socket) -> PeerCredentials:
     """Return the ``SO_PEERCRED`` credentials of a connected AF_UNIX socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
+
+
+# SO_PEERPIDFD (Linux 6.5+): a pidfd for the peer process. Python 3.11 lacks
+# the name.
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def peer_pidfd_of(sock: socket.socket) -> int:
+    """Return a new pidfd (``SO_PEERPIDFD``) for the peer of an AF_UNIX socket.
+
+    The caller owns the number (close-on-exec).
+
+    :raises OSError: ``ENOPROTOOPT`` on kernels before Linux 6.5, with a
+        message that says what to use instead; ``ENODATA`` if the kernel
+        recorded no peer. A peer that has exited still gives a pidfd
+        (``/proc/self/fdinfo`` then says ``Pid: -1``).
+    """
+    try:
+        fd: int = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:  # pragma: no cover - Linux 6.5+ answers (6.18 here)
+        if exc.errno == errno.ENOPROTOOPT:
+            raise OSError(
+                errno.ENOPROTOOPT,
+                "this kernel has no SO_PEERPIDFD (it came in Linux 6.5): "
+                "identify the peer by peer_credentials (uid and gid; its pid "
+                "may be reused once the peer exits)",
+            ) from None
+        raise OSError(
+            exc.errno, f"cannot get a pidfd for the peer: {exc.strerror}"
+        ) from None
+    return fd
 
 
 #: What ``listen(allow=...)`` takes: a collection of uids, or a function of
