@@ -37,7 +37,8 @@ class PeerCredentials(NamedTuple):
     was then, and the peer cannot forge them. ``uid`` and ``gid`` are the
     peer's effective ids. ``pid`` is 0 when the peer lives in a PID namespace
     this process cannot see; a pid can be reused after the peer exits, so
-    authorize by ``uid``/``gid``, not by ``pid``.
+    authorize by ``uid``/``gid``, not by ``pid``, or identify the process
+    through ``channel.peer_pidfd()`` (Linux 6.5+), which has no such race.
     Constructing one never raises.
     """
 
