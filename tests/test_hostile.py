@@ -693,3 +693,62 @@ async def test_peer_closes_with_our_record_unread_is_end_of_stream(
         await c.aclose()
         with pytest.raises(ProtocolError, match="middle of a record"):
             await d.receive()
+
+
+# A receiver whose address space is capped: a peer announces 4 GiB - 1 under
+# a max_payload that allows it, and sends until the receiver gives up.
+RECEIVE_WITH_LITTLE_MEMORY = """
+import resource, struct, sys
+import anyio, aiofdpass
+from anyio.abc import SocketAttribute
+
+async def main():
+    limits = aiofdpass.Limits(max_payload=2**32 - 1)
+    a, b = aiofdpass.channel_pair(limits=limits)
+    async with a, b:
+        peer = a.extra(SocketAttribute.raw_socket)
+        peer.sendall(struct.pack("!2sBBHHI", b"FD", 1, 0, 0, 0, 2**32 - 1))
+        with open("/proc/self/status") as f:
+            size = next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        cap = (size + 256 * 1024) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        chunk = b"z" * 65536
+
+        async def feed():
+            while True:
+                await anyio.wait_writable(peer)
+                try:
+                    peer.send(chunk)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # the receiver broke the connection
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            try:
+                await b.receive()
+            except aiofdpass.ProtocolError as exc:
+                print("ProtocolError:", exc)
+            except MemoryError:
+                print("MemoryError")
+            tg.cancel_scope.cancel()
+
+backend = sys.argv[1]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+
+@pytest.mark.system
+async def test_no_memory_error_escapes_receive(anyio_backend: object) -> None:
+    result = await anyio.run_process(
+        [sys.executable, "-c", RECEIVE_WITH_LITTLE_MEMORY, backend_id(anyio_backend)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    out = result.stdout.decode()
+    assert out.startswith("ProtocolError: out of memory for a record"), out
+    assert "lower Limits.max_payload" in out
