@@ -152,14 +152,14 @@ class Connection(TypedAttributeProvider):
 
         Linux 6.5+ (``SO_PEERPIDFD``): the process that made the connection
         (for a :func:`channel_pair`, the one that made the pair), pinned:
-        unlike :attr:`PeerCredentials.pid`, a pidfd never comes to name
+        unlike ``PeerCredentials.pid``, a pidfd never comes to name
         another process once the peer exits, so checks made through it
         (``/proc/self/fdinfo/<fd>`` gives its pid, ``-1`` once it has exited
         and been reaped; ``pidfd_send_signal``, ``poll`` for its exit) have no
         pid-reuse race. Each call returns a new descriptor; close it.
 
         On older kernels it raises ``OSError`` ``ENOPROTOOPT``: fall back to
-        :attr:`peer_credentials` (uid and gid are race-free; the pid is not).
+        ``peer_credentials`` (uid and gid are race-free; the pid is not).
 
         :raises anyio.ClosedResourceError: if the connection was closed.
         :raises OSError: ``ENOPROTOOPT`` before Linux 6.5.
