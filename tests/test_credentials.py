@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
+from anyio.abc import Process, SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
@@ -46,8 +46,8 @@ async def test_peer_credentials_of_a_channel_and_a_stream() -> None:
         _ = c.peer_credentials
 
 
-async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> None:
-    path = tmp_path / "s.sock"
+async def connecting_child(path: Path) -> Process:
+    """Start a child that connects to ``path``, then waits for one byte."""
     client = textwrap.dedent(
         f"""
         import socket
@@ -56,10 +56,15 @@ async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> N
         s.recv(1)
         """
     )
+    return await anyio.open_process(
+        [sys.executable, "-c", client], stdin=subprocess.DEVNULL
+    )
+
+
+async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
     async with await aiofdpass.listen(path) as listener:
-        async with await anyio.open_process(
-            [sys.executable, "-c", client], stdin=subprocess.DEVNULL
-        ) as proc:
+        async with await connecting_child(path) as proc:
             async with await listener.accept() as server:
                 creds = server.peer_credentials
                 assert creds == PeerCredentials(proc.pid, os.geteuid(), os.getegid())
@@ -333,18 +338,8 @@ async def test_peer_pidfd_pins_the_connecting_process(tmp_path: Path) -> None:
     # SO_PEERPIDFD (Linux 6.5+): unlike the pid, the pidfd never comes to
     # name another process once the peer is gone.
     path = tmp_path / "s.sock"
-    client = textwrap.dedent(
-        f"""
-        import socket
-        s = socket.socket(socket.AF_UNIX)
-        s.connect({str(path)!r})
-        s.recv(1)
-        """
-    )
     async with await aiofdpass.listen(path) as listener:
-        async with await anyio.open_process(
-            [sys.executable, "-c", client], stdin=subprocess.DEVNULL
-        ) as proc:
+        async with await connecting_child(path) as proc:
             async with await listener.accept() as chan:
                 with chan.peer_pidfd() as pidfd:
                     assert _pidfd_pid(pidfd) == proc.pid == chan.peer_credentials.pid
