@@ -305,7 +305,8 @@ def clear_socket_path(path: str) -> None:
     if _in_use(path, st):
         raise OSError(
             errno.EADDRINUSE,
-            f"another process is listening on {path!r}; stop it or choose another path",
+            f"another process is listening on {path!r} (a socket is bound to "
+            "it); stop it or choose another path",
         )
     try:
         again = os.lstat(path)
@@ -558,10 +559,12 @@ class FdListener(Listener[FdChannel]):
         exception from a handler is logged (logger ``"aiofdpass"``) and does
         not stop the server. Running out of descriptors (``EMFILE``) is
         logged and retried. Stop it by cancelling, or by closing the
-        listener (``serve`` then raises :class:`anyio.ClosedResourceError`).
+        listener (``serve`` then raises :class:`anyio.ClosedResourceError`
+        itself, never wrapped in an ``ExceptionGroup``).
 
         :param task_group: where to run the handlers; by default a task group
-            of its own, which waits for running handlers on the way out.
+            of its own, which waits for running handlers on the way out
+            (before the error that ended the loop is raised).
         :raises anyio.ClosedResourceError: once the listener is closed.
         :raises anyio.BusyResourceError: if another task is accepting.
         :raises OSError: if ``accept`` fails for a reason other than running
