@@ -430,7 +430,10 @@ async def listen(
         waits for the next connection. A policy that raises, or returns
         anything but a ``bool``, refuses (logged at ERROR). By
         default everyone who can reach the socket may connect: the file mode
-        limits that for a path, but nothing does for an abstract name.
+        limits that for a path, but nothing does for an abstract name. A
+        policy sees credentials as of connect; to identify the peer process
+        without pid reuse, check :meth:`FdChannel.peer_pidfd` on the
+        accepted channel before reading from it.
     :param close_timeout: how long each accepted channel's ``aclose()``
         waits for queued records (:attr:`FdChannel.close_timeout`); this
         also bounds how long :meth:`FdListener.serve` lets a finished
