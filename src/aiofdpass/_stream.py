@@ -11,7 +11,7 @@ from anyio import DelimiterNotFound, EndOfStream, IncompleteRead
 from anyio.abc import ByteStream
 
 from ._connection import Connection, adopt_fd
-from ._convert import close_sent, filenos_of
+from ._convert import as_fd_list, close_sent, filenos_of
 from ._errors import LimitError
 from ._fd import Fd
 from ._inbox import Inbox
@@ -151,7 +151,7 @@ class FdStream(Connection, ByteStream):
         views = [view for view in views if view]
         if len(views) > _MAX_BUFFERS:
             views = [memoryview(b"".join(views))]
-        objs = list(fds)
+        objs = as_fd_list(fds)
         numbers = filenos_of(objs)
         if numbers and not views:
             raise ValueError(
