@@ -1,8 +1,8 @@
 /* counted_peer: messages whose header counts their descriptors, in plain C.
  *
- * The framing is in the style of skalibs' unixmessage (what s6 and its
- * fd-holding daemon speak), and of many protocols built the same way: a
- * 6-byte header, big-endian,
+ * The framing of skalibs' unixmessage (what s6 and its fd-holding daemon
+ * speak), and of many protocols built the same way: a 6-byte header,
+ * big-endian,
  *
  *   offset 0  uint32  payload length in bytes
  *   offset 4  uint16  number of descriptors the message carries

@@ -1,7 +1,7 @@
 /* nginx_master: the master's side of nginx's process channel, in plain C.
  *
  * Written from nginx's public source, src/os/unix/ngx_channel.h and .c and
- * ngx_process.h:
+ * ngx_process_cycle.h:
  *
  *   typedef struct {
  *       ngx_uint_t  command;   (uintptr_t)
