@@ -188,3 +188,12 @@ async def test_debug_log_says_why_a_channel_broke(
     broken = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
     assert len(broken) == 1
     assert "the peer broke the framing" in broken[0]
+
+
+async def test_stream_listener_repr(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen_stream(path) as listener:
+        async with await aiofdpass.connect_stream(path), await listener.accept():
+            pass
+        assert repr(listener).startswith(f"<FdStreamListener path={str(path)!r} fd=")
+        assert repr(listener).endswith(" listening accepted=1>")

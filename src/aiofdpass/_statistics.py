@@ -49,8 +49,10 @@ class StreamStatistics:
 
     :ivar bytes_sent: Bytes ``send()`` wrote.
     :ivar fds_sent: Descriptors ``send()`` passed.
-    :ivar bytes_received: Bytes the receiving methods returned.
-    :ivar fds_received: Descriptors the receiving methods returned.
+    :ivar bytes_received: Bytes read from the socket (including any still
+        buffered, not yet returned by a receiving method).
+    :ivar fds_received: Descriptors that arrived with them (including any
+        still queued).
     """
 
     bytes_sent: int
