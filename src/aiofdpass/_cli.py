@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import anyio
-from anyio.abc import SocketAttribute, TaskGroup
 
 from ._channel import FdChannel
 from ._describe import describe, list_fds
 from ._errors import FdPassError
 from ._stream import FdStream
-from ._unix import connect, connect_stream, listen
+from ._unix import (
+    FdListener,
+    FdStreamListener,
+    connect,
+    connect_stream,
+    listen,
+    listen_stream,
+)
 from ._version import __version__
 
 __all__ = ["main"]
@@ -88,48 +93,34 @@ async def _print_channel(printer: _Printer, channel: FdChannel) -> None:
 
 
 async def _print_stream(printer: _Printer, stream: FdStream) -> None:
-    async with stream:
-        peer = _peer(stream)
-        while True:
-            try:
-                data, fds = await stream.receive_with_fds()
-            except anyio.EndOfStream:
-                return
-            try:
-                printer.record(peer, data, [fd.fileno() for fd in fds])
-            finally:
-                for fd in fds:
-                    fd.close()
-
-
-async def _accept_streams(
-    sock: socket.socket, printer: _Printer, tg: TaskGroup
-) -> None:
+    peer = _peer(stream)
     while True:
-        await anyio.wait_readable(sock)
         try:
-            conn, _ = sock.accept()
-        except (BlockingIOError, ConnectionAbortedError):
-            continue
+            data, fds = await stream.receive_with_fds()
+        except anyio.EndOfStream:
+            return
         try:
-            stream = FdStream.from_socket(conn)
-        except BaseException:
-            conn.close()
-            raise
-        tg.start_soon(_print_stream, printer, stream)
+            printer.record(peer, data, [fd.fileno() for fd in fds])
+        finally:
+            for fd in fds:
+                fd.close()
 
 
 async def _listen(args: argparse.Namespace) -> int:
     printer = _Printer(args.count, "read" if args.stream else "record")
-    async with await listen(args.path) as listener:
+    listener: FdListener | FdStreamListener
+    if args.stream:
+        listener = await listen_stream(args.path)
+    else:
+        listener = await listen(args.path)
+    async with listener:
         print(f"listening on {listener.path!s}", flush=True)
         async with anyio.create_task_group() as tg:
             printer.stop = tg.cancel_scope.cancel
-            if args.stream:
-                sock = listener.extra(SocketAttribute.raw_socket)
-                tg.start_soon(_accept_streams, sock, printer, tg)
+            # serve() closes each connection when its printer returns.
+            if isinstance(listener, FdStreamListener):
+                tg.start_soon(listener.serve, partial(_print_stream, printer), tg)
             else:
-                # serve() closes each channel when _print_channel returns.
                 tg.start_soon(listener.serve, partial(_print_channel, printer), tg)
     return OK
 
