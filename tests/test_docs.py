@@ -194,3 +194,27 @@ def test_every_table_on_the_pages_has_its_header_row() -> None:
                 assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", below), (
                     f"{page.name}:{n + 1}: a table without its header row"
                 )
+
+
+def test_api_page_lists_every_public_member_of_its_classes() -> None:
+    # docs/api.md lists members one by one, in reading order (send and
+    # receive first): a method added to a class must be added there too.
+    page = (DOCS / "api.md").read_text()
+    blocks = re.findall(
+        r"^\.\. autoclass:: aiofdpass\.(\w+)\n\n((?:   \.\. auto\w+:: \w+\n)+)",
+        page,
+        flags=re.M,
+    )
+    assert len(blocks) >= 6
+    for name, block in blocks:
+        listed = re.findall(r":: (\w+)$", block, flags=re.M)
+        cls = getattr(aiofdpass, name)
+        public = {
+            attr
+            for klass in cls.__mro__
+            if klass.__module__.startswith("aiofdpass")
+            for attr in vars(klass)
+            if not attr.startswith("_")
+        }
+        assert sorted(listed) == sorted(public), name
+        assert len(listed) == len(set(listed)), name
