@@ -752,3 +752,68 @@ async def test_no_memory_error_escapes_receive(anyio_backend: object) -> None:
     out = result.stdout.decode()
     assert out.startswith("ProtocolError: out of memory for a record"), out
     assert "lower Limits.max_payload" in out
+
+
+# The record arrives whole (its buffer fits), but the copy handed out as
+# Message.data does not: the address space holds the buffer and a half.
+COPY_WITH_LITTLE_MEMORY = """
+import resource, struct, sys
+import anyio, aiofdpass
+from anyio.abc import SocketAttribute
+
+SIZE = 128 * 1024 * 1024
+
+async def main():
+    a, b = aiofdpass.channel_pair(limits=aiofdpass.Limits(max_payload=SIZE))
+    async with a, b:
+        peer = a.extra(SocketAttribute.raw_socket)
+        with open("/proc/self/status") as f:
+            size = next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        cap = size * 1024 + SIZE * 13 // 8
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        chunk = b"z" * 65536
+
+        async def feed():
+            peer.sendall(struct.pack("!2sBBHHI", b"FD", 1, 0, 0, 0, SIZE))
+            left = SIZE
+            while left:
+                await anyio.wait_writable(peer)
+                try:
+                    left -= peer.send(chunk[: min(left, len(chunk))])
+                except BlockingIOError:
+                    pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            try:
+                msg = await b.receive()
+            except aiofdpass.ProtocolError as exc:
+                print("ProtocolError:", exc)
+            except MemoryError:
+                print("MemoryError")
+            else:
+                print("received", len(msg.data))
+            tg.cancel_scope.cancel()
+
+backend = sys.argv[1]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+
+@pytest.mark.system
+async def test_no_memory_error_escapes_receive_when_the_record_is_copied(
+    anyio_backend: object,
+) -> None:
+    # The decoder's buffer held the whole record; the copy for the message
+    # raised MemoryError out of receive().
+    result = await anyio.run_process(
+        [sys.executable, "-c", COPY_WITH_LITTLE_MEMORY, backend_id(anyio_backend)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    out = result.stdout.decode()
+    assert out.startswith("ProtocolError: out of memory for a record"), out
+    assert "lower Limits.max_payload" in out
