@@ -571,6 +571,26 @@ async def test_a_number_out_of_descriptor_range_is_refused_before_anything(
             await b.receive()
 
 
+async def test_a_closed_number_is_ebadf_on_the_queued_path_too(probe: Probe) -> None:
+    # In a burst, a record is queued with our own duplicates. dup takes the
+    # lowest free number: the closed one in the list. Duplicating that next
+    # copied our own duplicate, and the record went out carrying probe.w
+    # twice instead of failing.
+    a, b = channel_pair()
+    async with a, b:
+        before = copies_of(probe.w)
+        closed = os.dup(probe.w)
+        os.close(closed)
+        for fds in ([probe.w, closed], [probe.w] * 20 + [closed]):  # queued, direct
+            for _ in range(3):  # a burst: the queued path duplicates first
+                with pytest.raises(OSError, match=f"descriptor {closed} is not open"):
+                    await a.send(b"x", fds)
+        assert copies_of(probe.w) == before  # nothing duplicated, nothing kept
+        await a.send_eof()
+        with pytest.raises(anyio.EndOfStream):  # nothing was sent
+            await b.receive()
+
+
 async def test_message_data_must_be_bytes() -> None:
     for data in (5, 10**9, "text"):
         with pytest.raises(TypeError, match="Message data must be bytes-like"):
