@@ -610,6 +610,28 @@ async def test_a_bare_descriptor_for_fds_says_to_pass_a_list(probe: Probe) -> No
                     await s.send(b"x", bare)  # type: ignore[arg-type]
 
 
+async def test_bytes_for_fds_are_not_taken_for_descriptor_numbers(
+    probe: Probe,
+) -> None:
+    # send(b"head", b"tail") iterated the bytes as numbers: each byte that
+    # named an open descriptor (here probe.w) went to the peer.
+    a, b = channel_pair()
+    s, t = aiofdpass.stream_pair()
+    async with a, b, s, t:
+        before = copies_of(probe.w)
+        for bad in (bytes([probe.w]), bytearray([probe.w]), str(probe.w)):
+            for chan in (a, s):
+                with pytest.raises(
+                    TypeError,
+                    match="fds takes a list of descriptors, not (bytes|bytearray|str) ",
+                ):
+                    await chan.send(b"x", bad)  # type: ignore[arg-type]
+        assert copies_of(probe.w) == before
+        await a.send_eof()
+        with pytest.raises(anyio.EndOfStream):  # nothing was sent
+            await b.receive()
+
+
 async def test_adopting_a_bad_descriptor_names_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -160,8 +160,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         call when it never has to wait.
 
         :raises TypeError: if ``data`` is not bytes-like, ``fds`` is not a
-            list (``send(data, [fd])``, not ``send(data, fd)``) or an item of
-            it is not a descriptor.
+            list (``send(data, [fd])``, not ``send(data, fd)``; bytes or a
+            ``str`` are refused too) or an item of it is not a descriptor.
         :raises ValueError: for a number that is not a descriptor's
             (negative, or over ``2**31 - 1``), or for ``fds`` given together
             with a ``Message``; nothing sent, nothing duplicated.
