@@ -332,6 +332,29 @@ async def test_a_policy_returning_anything_but_a_bool_refuses(
     assert caplog.text.count("not True or False; the peer was refused") == 2
 
 
+class PolicyInterrupted(BaseException):
+    """Not an Exception: as KeyboardInterrupt or SystemExit raised in a policy."""
+
+
+async def test_a_policy_that_raises_a_base_exception_closes_the_connection(
+    tmp_path: Path,
+) -> None:
+    # It propagates out of accept(); the accepted socket was left open
+    # (until garbage collection, with a ResourceWarning), the peer waiting.
+    def policy(creds: PeerCredentials) -> bool:
+        raise PolicyInterrupted
+
+    path = tmp_path / "s.sock"
+    async with (
+        await aiofdpass.listen(path, allow=policy) as listener,
+        await aiofdpass.connect(path) as peer,
+    ):
+        with pytest.raises(PolicyInterrupted):
+            await listener.accept()
+        # Closed at once: end of stream, with no wait.
+        assert raw(peer).recv(1, socket.MSG_DONTWAIT) == b""
+
+
 # Another user tries listen() on the path. Run as root, the child imports
 # what it needs, then becomes nobody (the interpreter may live where nobody
 # can read it); run as anyone else, it stays this user, whom a mode-0

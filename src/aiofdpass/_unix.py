@@ -533,10 +533,16 @@ class FdListener(Listener[FdChannel]):
                     if self._closed:
                         raise ClosedResourceError("this listener was closed") from None
                     raise
-                if self._allow is not None and not check_peer(conn, self._allow):
-                    conn.close()  # nothing was read: no byte, no descriptor
-                    await checkpoint()  # a flood of refusals must not starve others
-                    continue
+                if self._allow is not None:
+                    try:
+                        admitted = check_peer(conn, self._allow)
+                    except BaseException:  # KeyboardInterrupt, SystemExit in it
+                        conn.close()
+                        raise
+                    if not admitted:
+                        conn.close()  # nothing was read: no byte, no descriptor
+                        await checkpoint()  # a flood of refusals must not starve
+                        continue
                 try:
                     channel = FdChannel(
                         conn, limits=self._limits, close_timeout=self._close_timeout
