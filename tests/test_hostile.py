@@ -462,6 +462,79 @@ async def test_a_socket_of_another_type_is_live(tmp_path: Path) -> None:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
+# On overlayfs over two filesystems (and on btrfs), stat's st_dev for a file
+# is not the superblock's device that sock_diag reports.
+ON_OVERLAYFS = """
+import os, socket, sys, anyio, aiofdpass
+
+async def main():
+    path = "m/s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        try:
+            await aiofdpass.listen(path)
+        except OSError as exc:
+            print("live:", exc.errno)
+        async with await aiofdpass.connect(path) as client:
+            await client.send(b"real")
+            async with await listener.accept() as server:
+                try:
+                    print("first accepted:", (await server.receive()).data.decode())
+                except anyio.EndOfStream:
+                    print("first accepted: the probe")
+    with socket.socket(socket.AF_UNIX) as starting:  # bound, not listening yet
+        starting.bind("m/starting.sock")
+        try:
+            listener = await aiofdpass.listen("m/starting.sock")
+        except OSError as exc:
+            print("bound:", exc.errno, exc)
+        else:
+            await listener.aclose()
+            print("bound: replaced")
+
+backend = sys.argv[1]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+MOUNT_OVERLAYFS = (
+    "mkdir a b m && mount -t tmpfs none a && mount -t tmpfs none b"
+    " && mkdir a/lower b/upper b/work && mount -t overlay overlay"
+    " -o lowerdir=a/lower,upperdir=b/upper,workdir=b/work m"
+    ' || exit 77; exec "$0" -c "$1" "$2"'
+)
+
+
+@pytest.mark.system
+async def test_liveness_on_a_filesystem_whose_stat_device_differs(
+    tmp_path: Path, anyio_backend: object
+) -> None:
+    # sock_diag missed the socket there, so listen() fell back to probing:
+    # the live server accepted the probe, and a socket bound but not yet
+    # listening (connect: ECONNREFUSED) was taken for stale and replaced.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount an overlayfs privately")
+    result = await anyio.run_process(
+        [
+            *("unshare", "-m", "--propagation", "private", "sh", "-c"),
+            *(MOUNT_OVERLAYFS, sys.executable, ON_OVERLAYFS, backend_id(anyio_backend)),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+    if result.returncode == 77:
+        pytest.skip(f"cannot mount an overlayfs here: {result.stderr.decode()}")
+    out = result.stdout.decode()
+    in_use = errno.EADDRINUSE
+    assert f"live: {in_use}\nfirst accepted: real\nbound: {in_use} " in out, (
+        out + result.stderr.decode()
+    )
+    assert "same inode number on another filesystem" in out
+
+
 async def test_long_file_names_are_refused_unless_connect_can_reach_them(
     tmp_path: Path,
 ) -> None:

@@ -251,10 +251,25 @@ def _in_use(path: str, st: os.stat_result) -> bool:
     refused, or a file that vanished, means stale; a live socket of another
     type (``EPROTOTYPE``) or a full backlog means alive; any other error is
     raised, since the file might be someone's live socket.
+
+    sock_diag names the file by its superblock's device, which ``stat``
+    does not always report (btrfs; overlayfs over two filesystems): a socket
+    bound to the same inode number on another device counts as live too,
+    and is refused with an error that says so, never probed (the probe
+    would take a server between ``bind`` and ``listen`` for stale).
     """
     held = _bound_files()
-    if held is not None and (st.st_dev, st.st_ino) in held:
-        return True
+    if held is not None:
+        if (st.st_dev, st.st_ino) in held:
+            return True
+        if any(ino == st.st_ino for _, ino in held):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"a socket is bound to {path!r}, or to a file with the same "
+                "inode number on another filesystem (the kernel does not say "
+                "which, on btrfs or overlayfs); it was left alone. If no "
+                "server owns it, remove it yourself; or choose another path",
+            )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
