@@ -427,6 +427,41 @@ async def test_listen_never_removes_a_socket_it_cannot_probe(
         shutil.rmtree(directory)
 
 
+@pytest.mark.system
+async def test_listen_in_a_directory_it_cannot_write_names_the_path(
+    anyio_backend: object,
+) -> None:
+    # bind() said "[Errno 13] Permission denied" and nothing else.
+    directory = tempfile.mkdtemp()
+    try:
+        os.chmod(directory, 0o555)  # nobody (not root) may make a file there
+        path = os.path.join(directory, "s.sock")
+        out = await _listen_as_another_user(path, anyio_backend)
+        denied = errno.EACCES
+        expected = f"{denied} [Errno {denied}] cannot listen on {path!r}: Permission"
+        assert out.startswith(expected), out
+    finally:
+        os.rmdir(directory)
+
+
+async def test_listen_errors_name_what_was_asked_for() -> None:
+    # An abstract name too long said "AF_UNIX path too long" (errno None),
+    # one in use "[Errno 98] Address already in use" without the name.
+    too_long = b"\0" + b"a" * 108
+    with pytest.raises(OSError, match="abstract names are at most 107 bytes") as info:
+        await aiofdpass.listen(too_long)
+    assert info.value.errno == errno.ENAMETOOLONG
+    name = f"\0aiofdpass-test-{os.getpid()}"
+    async with await aiofdpass.listen(name):
+        with pytest.raises(OSError, match="another socket has this abstract name"):
+            await aiofdpass.listen(name)
+    # A directory that exists but holds no sockets is not called missing.
+    with pytest.raises(FileNotFoundError) as missing:
+        await aiofdpass.listen("/proc/s.sock")
+    assert "does not exist" not in str(missing.value)
+    assert "cannot listen on '/proc/s.sock'" in str(missing.value)
+
+
 async def test_a_refused_listen_is_not_a_connection_to_the_live_server(
     tmp_path: Path,
 ) -> None:

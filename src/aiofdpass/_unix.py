@@ -114,6 +114,23 @@ def _connect_error(path: str | bytes, exc: OSError) -> OSError:
     return OSError(exc.errno, f"cannot connect to {_describe(path)}: {exc.strerror}")
 
 
+def _bind_error(name: str | bytes, exc: OSError) -> OSError:
+    """Return the error for a failed ``bind`` to an abstract ``name``."""
+    if exc.errno is None:  # "AF_UNIX path too long", from Python itself
+        return OSError(
+            errno.ENAMETOOLONG,
+            f"cannot listen on {_describe(name)}: {exc}; abstract names are "
+            f"at most {_SUN_PATH_MAX - 1} bytes after the NUL",
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return OSError(
+            errno.EADDRINUSE,
+            f"cannot listen on {_describe(name)}: another socket has this "
+            "abstract name; stop it or choose another name",
+        )
+    return OSError(exc.errno, f"cannot listen on {_describe(name)}: {exc.strerror}")
+
+
 async def _connect_socket(path: SocketPath) -> socket.socket:
     p = _normalize(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -353,7 +370,8 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
         with ``connect``.
     :raises FileNotFoundError: if the directory does not exist.
     :raises FileExistsError: if ``path`` is not a socket.
-    :raises OSError: ``EADDRINUSE`` if a socket is bound there.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there; any other
+        error from ``bind`` (``EACCES``), naming ``path``.
     """
     directory, name = os.path.split(path)
     if (
@@ -372,20 +390,22 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
     try:
         with _sun_path(path) as sun_name:
             sock.bind(sun_name)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"cannot listen on {path!r}: the directory "
-            f"{directory or '.'!r} does not exist; create it first",
-        ) from None
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise OSError(
-            errno.EADDRINUSE,
-            f"something appeared at {path!r} while listen() was binding there; "
-            "it was left alone. Try again or choose another path",
-        ) from None
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"something appeared at {path!r} while listen() was binding "
+                "there; it was left alone. Try again or choose another path",
+            ) from None
+        if exc.errno == errno.ENOENT and not os.path.isdir(directory or "."):
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"cannot listen on {path!r}: the directory "
+                f"{directory or '.'!r} does not exist; create it first",
+            ) from None
+        # EACCES (the directory is not writable), EROFS, ...: the socket
+        # module's error names no path.
+        raise OSError(exc.errno, f"cannot listen on {path!r}: {exc.strerror}") from None
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -457,6 +477,8 @@ async def listen(
         callable, or is an ``async`` function.
     :raises FileExistsError: if ``path`` exists and is not a socket.
     :raises FileNotFoundError: if the directory of ``path`` does not exist.
+    :raises PermissionError: if this process may not make a file there; it
+        and every other error from ``bind`` name ``path``.
     :raises OSError: ``EADDRINUSE`` if a socket is bound there; the error
         that kept listen from telling whether the socket there is live (it
         is left alone); ``ENAMETOOLONG`` for a path over 107 bytes whose
@@ -470,7 +492,10 @@ async def listen(
         if isinstance(p, str) and not p.startswith("\0"):
             identity = bind_socket_path(sock, p, mode)
         else:
-            sock.bind(p)
+            try:
+                sock.bind(p)
+            except OSError as exc:
+                raise _bind_error(p, exc) from None
             identity = None
         sock.listen(backlog)
         sock.setblocking(False)
