@@ -756,7 +756,7 @@ async def test_bytes_for_fds_are_not_taken_for_descriptor_numbers(
                     TypeError,
                     match="fds takes a list of descriptors, not (bytes|bytearray|str) ",
                 ):
-                    await chan.send(b"x", bad)  # type: ignore[arg-type]
+                    await chan.send(b"x", bad)
         assert copies_of(probe.w) == before
         await a.send_eof()
         with pytest.raises(anyio.EndOfStream):  # nothing was sent
