@@ -609,6 +609,17 @@ async def test_listen_and_connect_errors_say_what_happened(tmp_path: Path) -> No
         await aiofdpass.connect_stream(tmp_path)
 
 
+async def test_connect_to_an_abstract_name_nobody_listens_on_is_refused() -> None:
+    # A str abstract name made the error path stat() it: ValueError
+    # "embedded null byte" instead of ConnectionRefusedError.
+    name = f"\0aiofdpass-test-nobody-{os.getpid()}"
+    for abstract in (name, os.fsencode(name)):
+        with pytest.raises(ConnectionRefusedError, match="an abstract name nobody"):
+            await aiofdpass.connect(abstract)
+        with pytest.raises(ConnectionRefusedError, match="an abstract name nobody"):
+            await aiofdpass.connect_stream(abstract)
+
+
 async def test_remote_address_is_the_real_path(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     async with await aiofdpass.listen(path) as listener:

@@ -93,23 +93,27 @@ def _connect_error(path: str | bytes, exc: OSError) -> OSError:
             f"cannot connect to {_describe(path)}: {exc}; use a shorter file "
             "name or path",
         )
-    if exc.errno == errno.ECONNREFUSED and isinstance(path, str):
-        try:
-            st = os.stat(path)
-        except OSError:
-            pass
+    if exc.errno == errno.ECONNREFUSED:
+        if path[:1] in ("\0", b"\0"):
+            what = "an abstract name nobody listens on"
         else:
-            if not stat.S_ISSOCK(st.st_mode):
-                what = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
-                return OSError(
-                    errno.ENOTSOCK,
-                    f"cannot connect to {_describe(path)}: it is {what}, not "
-                    "a socket; pass the path of the server's socket",
-                )
+            what = "a socket file nobody listens on"
+            try:
+                st = os.stat(path)
+            except OSError:
+                pass
+            else:
+                if not stat.S_ISSOCK(st.st_mode):
+                    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+                    return OSError(
+                        errno.ENOTSOCK,
+                        f"cannot connect to {_describe(path)}: it is {kind}, "
+                        "not a socket; pass the path of the server's socket",
+                    )
         return ConnectionRefusedError(
             errno.ECONNREFUSED,
-            f"cannot connect to {_describe(path)}: {exc.strerror} (a socket "
-            "file nobody listens on: is the server running?)",
+            f"cannot connect to {_describe(path)}: {exc.strerror} ({what}: is "
+            "the server running?)",
         )
     return OSError(exc.errno, f"cannot connect to {_describe(path)}: {exc.strerror}")
 
