@@ -11,6 +11,7 @@ descriptor table as a whole).
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import itertools
 import os
@@ -298,7 +299,14 @@ async def test_an_async_allow_policy_is_refused_at_listen(tmp_path: Path) -> Non
         async def __call__(self, creds: PeerCredentials) -> bool:
             return False
 
-    for allow in (policy, AsyncCallable()):
+    # Each also inside functools.partial (inspect sees through those only
+    # for functions: a partial of an async callable object got through).
+    for allow in (
+        policy,
+        AsyncCallable(),
+        functools.partial(policy),
+        functools.partial(functools.partial(AsyncCallable())),
+    ):
         with pytest.raises(TypeError, match="async function"):
             await aiofdpass.listen(tmp_path / "s.sock", allow=allow)  # type: ignore[arg-type]
         assert os.listdir(tmp_path) == []
