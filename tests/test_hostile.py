@@ -603,6 +603,29 @@ async def test_long_file_names_are_refused_unless_connect_can_reach_them(
             await aiofdpass.listen(reachable)
 
 
+async def test_path_limits_count_bytes_at_the_edges(tmp_path: Path) -> None:
+    # sun_path holds 108 bytes; in a longer path the file name may have 82.
+    # Both count bytes: "é" is two of them.
+    base = len(os.fsencode(tmp_path)) + 1
+    for total in (107, 108):  # the last direct name, the first through /proc
+        path = tmp_path / ("é" * ((total - base) // 2) + "x" * ((total - base) % 2))
+        assert len(os.fsencode(path)) == total
+        async with await aiofdpass.listen(path) as listener:
+            async with await aiofdpass.connect(path) as client:
+                async with await listener.accept() as server:
+                    await client.send(b"edge")
+                    assert (await server.receive()).data == b"edge"
+                    assert client.extra(SocketAttribute.remote_address) == str(path)
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    async with await aiofdpass.listen(deep / ("é" * 41)):  # 82 bytes, 41 chars
+        pass
+    with pytest.raises(OSError, match="could not reach it") as info:
+        await aiofdpass.listen(deep / ("é" * 41 + "x"))  # 83 bytes, 42 chars
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(deep) == []
+
+
 async def test_listen_and_connect_errors_say_what_happened(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "s.sock"
     with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; create"):
