@@ -354,3 +354,10 @@ async def test_peer_pidfd_pins_the_connecting_process(tmp_path: Path) -> None:
                 assert _pidfd_pid(mine) == os.getpid()
         with pytest.raises(anyio.ClosedResourceError):
             a.peer_pidfd()
+        # A stream's too.
+        s, t = aiofdpass.stream_pair()
+        async with s, t:
+            with t.peer_pidfd() as mine:
+                assert _pidfd_pid(mine) == os.getpid()
+        with pytest.raises(anyio.ClosedResourceError):
+            s.peer_pidfd()
