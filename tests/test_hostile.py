@@ -836,6 +836,29 @@ async def test_adopting_a_bad_descriptor_names_it(
             aiofdpass.channel_from_env()
 
 
+async def test_adopting_a_socket_that_is_not_connected_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A listening or an unconnected socket was adopted silently; its first
+    # send or receive failed with ENOTCONN.
+    with (
+        socket.socket(socket.AF_UNIX) as listening,
+        socket.socket(socket.AF_UNIX) as unconnected,
+    ):
+        listening.bind(f"\0aiofdpass-test-listening-{os.getpid()}")
+        listening.listen()
+        for sock, why in ((listening, "is listening"), (unconnected, "not connected")):
+            for kind in (aiofdpass.FdChannel, aiofdpass.FdStream):
+                with pytest.raises(ValueError, match=why):
+                    kind.from_fd(sock.fileno())
+                with pytest.raises(ValueError, match=why):
+                    kind.from_socket(sock)
+            monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(sock.fileno()))
+            with pytest.raises(ValueError, match=f"AIOFDPASS_CHANNEL_FD=.*{why}"):
+                aiofdpass.channel_from_env()
+            os.fstat(sock.fileno())  # the caller still owns it
+
+
 async def test_memory_grows_with_the_bytes_that_arrived_not_the_header() -> None:
     # 13 bytes (a header announcing 100 MiB, and one byte of it) commit no
     # memory for the announced payload: a stalled peer costs one read's

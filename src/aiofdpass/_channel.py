@@ -77,7 +77,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :param limits: the record limits, in both directions.
         :param close_timeout: how long :meth:`aclose` waits for queued
             records (:attr:`close_timeout`).
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included).
         """
         return cls(sock, limits=limits, close_timeout=close_timeout)
 
@@ -98,7 +99,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises TypeError: if ``fd`` is not an ``int``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included);
             the caller still owns ``fd``.
         """
         return adopt_fd(

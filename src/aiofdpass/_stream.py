@@ -41,7 +41,8 @@ class FdStream(Connection, AsyncResource):
     def from_socket(cls, sock: socket.socket) -> Self:
         """Adopt a connected AF_UNIX stream socket; the stream owns it now.
 
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included).
         """
         return cls(sock)
 
@@ -52,7 +53,8 @@ class FdStream(Connection, AsyncResource):
         :raises TypeError: if ``fd`` is not an ``int``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included);
             the caller still owns ``fd``.
         """
         return adopt_fd(fd, cls)
