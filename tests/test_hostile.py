@@ -487,6 +487,26 @@ async def test_a_refused_listen_is_not_a_connection_to_the_live_server(
                 assert (await server.receive()).data == b"real"
 
 
+async def test_a_live_socket_under_another_name_is_live(tmp_path: Path) -> None:
+    # A hard link to a live socket file, or the file moved: connect() there
+    # reaches the server, so listen() there must refuse, without a probe.
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        os.link(path, tmp_path / "link.sock")
+        os.rename(path, tmp_path / "moved.sock")
+        for name in ("link.sock", "moved.sock"):
+            with pytest.raises(OSError, match="another process is listening") as info:
+                await aiofdpass.listen(tmp_path / name)
+            assert info.value.errno == errno.EADDRINUSE
+        async with await aiofdpass.connect(tmp_path / "moved.sock") as client:
+            await client.send(b"real")
+            async with await listener.accept() as server:  # not a probe
+                assert (await server.receive()).data == b"real"
+    assert sorted(os.listdir(tmp_path)) == ["link.sock", "moved.sock"]  # not ours
+    for name in ("link.sock", "moved.sock"):
+        os.unlink(tmp_path / name)
+
+
 async def test_a_socket_of_another_type_is_live(tmp_path: Path) -> None:
     # A datagram socket bound to the path: connect() would say EPROTOTYPE.
     path = tmp_path / "s.sock"
@@ -731,19 +751,34 @@ async def test_serve_without_a_task_group_raises_closed_resource_error(
 async def test_a_number_out_of_descriptor_range_is_refused_before_anything(
     probe: Probe, bad: int
 ) -> None:
+    class Numbered:
+        def fileno(self) -> int:
+            return bad
+
     a, b = channel_pair()
-    async with a, b:
+    s, t = aiofdpass.stream_pair()
+    async with a, b, s, t:
         before = copies_of(probe.w)
         for fds in ([probe.w, bad], [probe.w] * 20 + [bad]):  # queued, direct
             for _ in range(3):  # a burst: the queued path duplicates first
                 with pytest.raises(ValueError, match="between 0 and 2147483647"):
                     await a.send(b"x", fds)
+                with pytest.raises(ValueError, match="between 0 and 2147483647"):
+                    await a.send(b"x", iter(fds))
+                with pytest.raises(ValueError, match="between 0 and 2147483647"):
+                    await s.send(b"x", fds)
+            for chan in (a, s):  # from fileno()
+                with pytest.raises(ValueError, match=f"fileno.. returned {bad}"):
+                    await chan.send(b"x", [probe.w, Numbered()])
         assert copies_of(probe.w) == before  # nothing duplicated, nothing kept
         with pytest.raises(ValueError, match="between 0 and 2147483647"):
             aiofdpass.Fd(bad)
         await a.send_eof()
+        await s.send_eof()
         with pytest.raises(anyio.EndOfStream):  # nothing was sent
             await b.receive()
+        with pytest.raises(anyio.EndOfStream):
+            await t.receive_with_fds()
 
 
 async def test_a_closed_number_is_ebadf_on_the_queued_path_too(probe: Probe) -> None:
