@@ -11,6 +11,7 @@ descriptor table as a whole).
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import gc
 import itertools
@@ -531,6 +532,31 @@ async def test_a_live_socket_under_another_name_is_live(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["link.sock", "moved.sock"]  # not ours
     for name in ("link.sock", "moved.sock"):
         os.unlink(tmp_path / name)
+
+
+async def test_a_stale_socket_is_replaced_only_under_the_directory_lock(
+    tmp_path: Path,
+) -> None:
+    # Two listen() calls replacing one stale socket at once each checked,
+    # unlinked and bound: the later unlink could remove the socket the other
+    # had just bound, live. The replacement holds the directory's flock;
+    # here another process (this test) holds it.
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        with pytest.raises(OSError, match="another process holds the lock") as info:
+            await aiofdpass.listen(path)
+        assert info.value.errno == errno.EADDRINUSE
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)  # left alone
+        async with await aiofdpass.listen(tmp_path / "new.sock"):
+            pass  # nothing to replace there: no lock needed
+    finally:
+        os.close(directory)
+    async with await aiofdpass.listen(path):  # the lock is free: replaced
+        pass
 
 
 async def test_a_socket_of_another_type_is_live(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -366,6 +367,66 @@ def clear_socket_path(path: str) -> None:
         )
 
 
+def _bind_file_error(path: str, directory: str, exc: OSError) -> OSError:
+    """Return the error for a failed ``bind`` to the file ``path``."""
+    if exc.errno == errno.EADDRINUSE:
+        return OSError(
+            errno.EADDRINUSE,
+            f"something appeared at {path!r} while listen() was binding "
+            "there; it was left alone. Try again or choose another path",
+        )
+    if exc.errno == errno.ENOENT and not os.path.isdir(directory or "."):
+        return FileNotFoundError(
+            errno.ENOENT,
+            f"cannot listen on {path!r}: the directory "
+            f"{directory or '.'!r} does not exist; create it first",
+        )
+    # EACCES (the directory is not writable), EROFS, ...: the socket
+    # module's error names no path.
+    return OSError(exc.errno, f"cannot listen on {path!r}: {exc.strerror}")
+
+
+@contextlib.contextmanager
+def _replacing(directory: str, path: str) -> Iterator[None]:
+    """Hold ``directory``'s lock while a file at ``path`` may be replaced.
+
+    Replacing a stale socket is check, unlink, bind: two processes doing it
+    at once could each pass the check, and the later unlink would remove
+    the socket the other just bound, live. Whoever replaces holds an
+    exclusive ``flock`` on the directory meanwhile (advisory: every
+    ``listen`` takes it); one that finds it held refuses at once rather
+    than wait. Binding where nothing is needs no lock: ``bind`` itself
+    fails if a file appears. Where the directory cannot be opened or
+    locked (no read permission, a filesystem without ``flock``), the
+    replacement goes on unlocked.
+
+    :raises OSError: ``EADDRINUSE`` if another process holds the lock.
+    """
+    if not os.path.lexists(path):
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot replace {path!r}: another process holds the lock on "
+                f"{directory!r} (as listen() does while it replaces a stale "
+                "socket there); try again",
+            ) from None
+        except OSError:
+            pass  # no flock here: unlocked, as before
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_result:
     """Bind ``sock`` (any AF_UNIX type) to the file ``path`` with ``mode``.
 
@@ -383,8 +444,9 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
         with ``connect``.
     :raises FileNotFoundError: if the directory does not exist.
     :raises FileExistsError: if ``path`` is not a socket.
-    :raises OSError: ``EADDRINUSE`` if a socket is bound there; any other
-        error from ``bind`` (``EACCES``), naming ``path``.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there, or another
+        process is replacing the stale socket there; any other error from
+        ``bind`` (``EACCES``), naming ``path``.
     """
     directory, name = os.path.split(path)
     if (
@@ -398,27 +460,14 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
             "connect() could not reach it (AF_UNIX path too long). Choose a "
             "shorter file name or a shorter path",
         )
-    clear_socket_path(path)
     os.fchmod(sock.fileno(), mode)
-    try:
-        with _sun_path(path) as sun_name:
-            sock.bind(sun_name)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"something appeared at {path!r} while listen() was binding "
-                "there; it was left alone. Try again or choose another path",
-            ) from None
-        if exc.errno == errno.ENOENT and not os.path.isdir(directory or "."):
-            raise FileNotFoundError(
-                errno.ENOENT,
-                f"cannot listen on {path!r}: the directory "
-                f"{directory or '.'!r} does not exist; create it first",
-            ) from None
-        # EACCES (the directory is not writable), EROFS, ...: the socket
-        # module's error names no path.
-        raise OSError(exc.errno, f"cannot listen on {path!r}: {exc.strerror}") from None
+    with _replacing(directory or ".", path):
+        clear_socket_path(path)
+        try:
+            with _sun_path(path) as sun_name:
+                sock.bind(sun_name)
+        except OSError as exc:
+            raise _bind_file_error(path, directory, exc) from None
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -451,7 +500,10 @@ async def listen(
     check; only a socket of another network namespace (or a kernel without
     ``unix_diag``) is probed with a connection, which such a server sees
     open and close at once. Connection refused means stale; an error that
-    cannot tell (``EACCES`` on another user's socket) refuses.
+    cannot tell (``EACCES`` on another user's socket) refuses. A stale
+    socket is replaced under an exclusive ``flock`` of its directory, so two
+    ``listen`` calls never remove the socket the other just bound; one that
+    finds the lock held raises ``EADDRINUSE``.
 
     The socket file never exists with a mode looser than ``mode``: the
     socket is given ``mode`` before ``bind``, which makes the file with that
