@@ -127,6 +127,8 @@ def test_version_and_help(script: bool) -> None:
         (("inspect", "init"), "not a process id or 'self': 'init'"),
         (("send", "x.sock", "--stream", "--file", "f"), "needs --data"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("send", ""), "argument PATH: the socket path is empty"),
+        (("listen", "", "--stream"), "argument PATH: the socket path is empty"),
     ],
 )
 def test_bad_usage_exits_2_saying_why_on_stderr(
@@ -242,6 +244,66 @@ def test_interrupt_exits_130_and_removes_the_socket(tmp_path: Path) -> None:
     status, out, err = listener.finish()
     assert (status, out, err) == (130, "", "")
     assert not path.exists()
+
+
+@pytest.mark.system
+def test_a_peer_that_breaks_the_framing_is_one_line_on_stderr(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    listener = Listener(path, "--count", "1")
+    with socket.socket(socket.AF_UNIX) as peer:
+        peer.connect(str(path))
+        peer.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        # The listener closes the connection once it has said why.
+        assert peer.recv(1) == b""
+    result = cli("send", path, "--data", "ok")
+    assert result.returncode == 0, result
+    status, out, err = listener.finish()
+    assert status == 0
+    assert out.endswith(": b'ok' (2 bytes), 0 fds\n")
+    assert err.startswith("aiofdpass listen: connection from pid ")
+    assert ": ProtocolError: bad magic b'GE'" in err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.system
+def test_listen_stops_when_its_output_is_closed(tmp_path: Path) -> None:
+    # `aiofdpass listen PATH | head -1`: once head exits, the listener must
+    # stop (quietly, status 1) instead of logging every record it cannot print.
+    path = tmp_path / "s.sock"
+    listener = Listener(path, "--count", "5")
+    proc = listener.proc
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    with proc.stderr:
+        try:
+            proc.stdout.close()
+            result = cli("send", path, "--data", "one")
+            assert result.returncode == 0, result
+            assert proc.wait(timeout=60) == 1
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr.read() == ""
+    assert not path.exists()
+
+
+@pytest.mark.system
+def test_inspect_into_a_closed_pipe_exits_1_quietly() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        result = subprocess.run(
+            [*MODULE, "inspect", "self"],
+            stdin=subprocess.DEVNULL,
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(w)
+    assert (result.returncode, result.stderr) == (1, "")
 
 
 @pytest.mark.system

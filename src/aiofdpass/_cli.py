@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -52,32 +53,69 @@ def _show(data: bytes) -> str:
     return f"{shown} ({len(data)} bytes)"
 
 
-def _print_fds(fds: Sequence[int]) -> None:
+def _fd_lines(fds: Sequence[int]) -> list[str]:
+    lines = []
     for fd in fds:
         try:
             line = str(describe(fd))
         except OSError as exc:  # pragma: no cover - we own it: it is open
             line = f"fd {fd}: {exc}"
-        print(f"  {line}")
+        lines.append(f"  {line}")
+    return lines
+
+
+class _OutputClosed(Exception):
+    """Standard output can no longer be written (``aiofdpass listen | head``)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(f"cannot write to standard output: {error}")
+        self.error = error
+
+
+def _write(lines: Sequence[str]) -> None:
+    """Print ``lines`` and flush; raise :class:`_OutputClosed` if stdout broke."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise _OutputClosed(exc) from None
 
 
 class _Printer:
-    """Print what arrives; cancel ``scope`` after ``count`` records."""
+    """Print what arrives; cancel ``scope`` after ``count`` records.
+
+    Also stops when standard output breaks (kept in ``closed``, raised once
+    the listener stopped): a handler's exception would only be logged by
+    ``serve()``, and the listener would go on forever.
+    """
 
     def __init__(self, count: int | None, noun: str) -> None:
         self.count = count
         self.noun = noun
         self.seen = 0
         self.stop: Callable[[], None] = lambda: None
+        self.closed: _OutputClosed | None = None
 
     def record(self, peer: str, data: bytes, fds: Sequence[int]) -> None:
         self.seen += 1
         s = "" if len(fds) == 1 else "s"
-        print(f"{self.noun} {self.seen} from {peer}: {_show(data)}, {len(fds)} fd{s}")
-        _print_fds(fds)
-        sys.stdout.flush()
+        head = f"{self.noun} {self.seen} from {peer}: {_show(data)}, {len(fds)} fd{s}"
+        try:
+            _write([head, *_fd_lines(fds)])
+        except _OutputClosed as exc:
+            self.closed = exc
+            self.stop()
+            return
         if self.count is not None and self.seen >= self.count:
             self.stop()
+
+    def failed(self, peer: str, exc: Exception) -> None:
+        """Say on stderr that a connection failed (the listener goes on)."""
+        name = type(exc).__name__
+        print(
+            f"aiofdpass listen: connection from {peer}: {name}: {exc}", file=sys.stderr
+        )
 
 
 def _peer(conn: FdChannel | FdStream) -> str:
@@ -87,9 +125,12 @@ def _peer(conn: FdChannel | FdStream) -> str:
 
 async def _print_channel(printer: _Printer, channel: FdChannel) -> None:
     peer = _peer(channel)
-    async for message in channel:
-        with message:
-            printer.record(peer, message.data, [fd.fileno() for fd in message.fds])
+    try:
+        async for message in channel:
+            with message:
+                printer.record(peer, message.data, [fd.fileno() for fd in message.fds])
+    except (FdPassError, anyio.BrokenResourceError) as exc:
+        printer.failed(peer, exc)  # a peer that broke the framing, ...
 
 
 async def _print_stream(printer: _Printer, stream: FdStream) -> None:
@@ -98,6 +139,9 @@ async def _print_stream(printer: _Printer, stream: FdStream) -> None:
         try:
             data, fds = await stream.receive_with_fds()
         except anyio.EndOfStream:
+            return
+        except (FdPassError, anyio.BrokenResourceError) as exc:
+            printer.failed(peer, exc)
             return
         try:
             printer.record(peer, data, [fd.fileno() for fd in fds])
@@ -122,6 +166,8 @@ async def _listen(args: argparse.Namespace) -> int:
                 tg.start_soon(listener.serve, partial(_print_stream, printer), tg)
             else:
                 tg.start_soon(listener.serve, partial(_print_channel, printer), tg)
+    if printer.closed is not None:
+        raise printer.closed
     return OK
 
 
@@ -164,8 +210,7 @@ def _inspect(args: argparse.Namespace) -> int:
             f"cannot read the descriptors of pid {target}: permission denied "
             "(run it as that process's user, or as root)"
         ) from None
-    for info in infos:
-        print(info)
+    _write([str(info) for info in infos])
     return OK
 
 
@@ -173,6 +218,12 @@ def _pid(value: str) -> str:
     if value == "self" or (value.isdigit() and int(value) > 0):
         return value
     raise argparse.ArgumentTypeError(f"not a process id or 'self': {value!r}")
+
+
+def _path(value: str) -> str:
+    if value:
+        return value
+    raise argparse.ArgumentTypeError("the socket path is empty")
 
 
 def _count(value: str) -> int:
@@ -204,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         "its data and each descriptor (kind, target, access), which is then "
         "closed. Runs until interrupted, or until --count records arrived.",
     )
-    p.add_argument("path", metavar="PATH")
+    p.add_argument("path", metavar="PATH", type=_path)
     p.add_argument("--count", type=_count, metavar="N", help="stop after N records")
     _stream_flag(p, "unframed (FdStream) peers: print each read, not each record")
     p.set_defaults(run=_listen, is_async=True)
@@ -215,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Connect to PATH and send one record: --data and a "
         "descriptor for each --file (opened read-only).",
     )
-    p.add_argument("path", metavar="PATH")
+    p.add_argument("path", metavar="PATH", type=_path)
     p.add_argument("--data", default="", metavar="TEXT", help="the record's data")
     p.add_argument(
         "--file",
@@ -251,6 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = args.run(args)
     except KeyboardInterrupt:
         return INTERRUPTED
+    except _OutputClosed as exc:
+        if exc.error.errno == errno.EPIPE:  # `| head` had enough: no message
+            # Nor one at exit, when Python flushes what stdout still buffers.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        else:
+            print(f"aiofdpass {args.command}: error: {exc}", file=sys.stderr)
+        return ERROR
     except (OSError, FdPassError, anyio.BrokenResourceError) as exc:
         print(f"aiofdpass {args.command}: error: {exc}", file=sys.stderr)
         return ERROR
