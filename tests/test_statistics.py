@@ -20,7 +20,7 @@ pytestmark = pytest.mark.anyio
 
 
 def zero_channel_stats() -> ChannelStatistics:
-    return ChannelStatistics(0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return ChannelStatistics(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 async def test_channel_counts_records_bytes_and_descriptors() -> None:
@@ -89,6 +89,37 @@ async def test_statistics_show_what_is_queued_now() -> None:
         assert "queued=2" in repr(left)
         while left.statistics().records_queued:
             (await right.receive()).close()
+
+
+@pytest.mark.parametrize("how", ["closed", "peer gone"])
+async def test_statistics_count_what_was_dropped_unwritten(how: str) -> None:
+    # Sent = written + queued + dropped: without the dropped counts, records
+    # dropped at close would read as written (records_queued falls to 0).
+    left, right = aiofdpass.channel_pair(close_timeout=0)
+    async with left, right:
+        fill(raw(left))  # the socket is full: what follows is queued
+        with pipe() as (r, _):
+            await left.send(b"1234", [r])
+            await left.send(b"5")
+        assert left.statistics().records_dropped == 0
+        if how == "closed":
+            await left.aclose()
+        else:
+            await right.aclose()
+            with pytest.raises(anyio.EndOfStream):
+                await left.receive()  # writes the queue first: EPIPE
+        stats = left.statistics()
+    assert (stats.records_sent, stats.bytes_sent, stats.fds_sent) == (
+        2,
+        2 * HEADER_SIZE + 5,
+        1,
+    )
+    assert (stats.records_queued, stats.bytes_queued, stats.fds_queued) == (0, 0, 0)
+    assert (stats.records_dropped, stats.bytes_dropped, stats.fds_dropped) == (
+        2,
+        2 * HEADER_SIZE + 5,
+        1,
+    )
 
 
 async def test_a_failed_send_counts_nothing() -> None:

@@ -325,10 +325,11 @@ class FdChannel(Connection, ObjectStream[Message]):
         """Return what this channel has sent and received, and what is queued now.
 
         Counting costs three integer additions per record sent and two per
-        read when receiving. See :class:`ChannelStatistics`. It never raises, also after
-        :meth:`aclose`.
+        read when receiving. See :class:`ChannelStatistics`. It never raises,
+        also after :meth:`aclose`.
         """
-        outbox = self._writer.outbox
+        writer = self._writer
+        outbox = writer.outbox
         return ChannelStatistics(
             records_sent=self._records_sent,
             bytes_sent=self._bytes_sent,
@@ -339,6 +340,9 @@ class FdChannel(Connection, ObjectStream[Message]):
             records_queued=outbox.nrecords,
             bytes_queued=outbox.nbytes,
             fds_queued=outbox.nfds,
+            records_dropped=writer.dropped_records,
+            bytes_dropped=writer.dropped_bytes,
+            fds_dropped=writer.dropped_fds,
         )
 
     def _repr_extra(self) -> str:

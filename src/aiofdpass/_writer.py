@@ -158,6 +158,9 @@ class Writer:
         "background",
         "burst",
         "close_timeout",
+        "dropped_bytes",
+        "dropped_fds",
+        "dropped_records",
         "lock",
         "outbox",
         "transport",
@@ -168,6 +171,9 @@ class Writer:
         self.outbox = Outbox()
         self.lock = SendLock()
         self.close_timeout = close_timeout
+        #: What was queued and never written (statistics()): counted where
+        #: the queue is dropped, never on the way of a record.
+        self.dropped_records = self.dropped_bytes = self.dropped_fds = 0
         #: A record was written at once since the connection last received
         #: or the loop last ran the flush: the next small one is queued
         #: (Rule 2).
@@ -382,8 +388,12 @@ class Writer:
         self.transport.close()
 
     def _drop(self, reason: str) -> None:
-        dropped = self.outbox.discard()
+        outbox = self.outbox
+        self.dropped_bytes += outbox.nbytes
+        self.dropped_fds += outbox.nfds
+        dropped = outbox.discard()
         if dropped:
+            self.dropped_records += dropped
             logger.warning(
                 "dropped %d queued record(s) that were never written: %s",
                 dropped,
