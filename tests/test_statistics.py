@@ -165,6 +165,36 @@ async def test_reprs_say_descriptor_peer_and_state() -> None:
         assert repr(a) == f"<FdStream fd=-1 {who} send broken>"
 
 
+async def test_reprs_say_when_the_peer_ended_its_stream() -> None:
+    left, right = aiofdpass.channel_pair()
+    async with left:
+        await right.aclose()
+        # Not known before a read meets the end of stream.
+        assert repr(left).endswith(" open queued=0>")
+        with pytest.raises(anyio.EndOfStream):
+            await left.receive()
+        assert repr(left).endswith(" open, eof received queued=0>")
+    a, b = aiofdpass.stream_pair()
+    async with a, b:
+        await b.send_eof()
+        with pytest.raises(anyio.EndOfStream):
+            await a.receive()
+        assert repr(a).endswith(" open, eof received>")
+        await a.send_eof()
+        assert repr(a).endswith(" send shut down, eof received>")
+        assert repr(b).endswith(" send shut down>")
+
+
+@pytest.mark.parametrize(
+    "cls", [aiofdpass.FdChannel, aiofdpass.FdStream, aiofdpass.FdListener]
+)
+def test_repr_of_an_object_whose_init_never_ran_does_not_raise(cls: type) -> None:
+    # As a debugger or a traceback with locals shows `self` in an __init__
+    # that raised.
+    obj: object = object.__new__(cls)
+    assert repr(obj) == f"<{cls.__name__} object at {id(obj):#x}>"
+
+
 async def test_listener_repr(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     listener = await aiofdpass.listen(path)

@@ -58,8 +58,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         if not isinstance(self._limits, Limits):
             raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
         self._decoder = RecordDecoder(self._limits)
+        self._eof = False  # before the repr in the "opened" debug log
         super().__init__(sock, close_timeout)
-        self._eof = False
         self._receiving = False
         self._receive_calls = 0
         # statistics(): records received = receive calls that did not raise.
@@ -344,6 +344,9 @@ class FdChannel(Connection, ObjectStream[Message]):
             bytes_dropped=writer.dropped_bytes,
             fds_dropped=writer.dropped_fds,
         )
+
+    def _eof_received(self) -> bool:
+        return self._eof
 
     def _repr_extra(self) -> str:
         return f" queued={self._writer.outbox.nrecords}"

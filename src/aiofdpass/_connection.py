@@ -20,7 +20,7 @@ from ._credentials import (
     peer_pidfd_of,
 )
 from ._fd import Fd
-from ._transport import Transport
+from ._transport import OPEN, Transport
 from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 
 __all__ = ["Connection", "adopt_fd"]
@@ -223,6 +223,12 @@ class Connection(TypedAttributeProvider):
                 close_buffers()
 
     def __repr__(self) -> str:
+        try:
+            return self._repr()
+        except Exception:  # half made (its __init__ raised), or torn down
+            return f"<{type(self).__name__} object at {id(self):#x}>"
+
+    def _repr(self) -> str:
         transport = self._transport
         fd = transport.sock.fileno()
         peer = ""
@@ -235,7 +241,13 @@ class Connection(TypedAttributeProvider):
                 peer = f" peer=pid {creds.pid} uid {creds.uid}"
         send, recv = transport.send_state, transport.recv_state
         state = send if send == recv else f"send {send}"
+        if recv is OPEN and self._eof_received():
+            state += ", eof received"  # the peer shut down or closed its end
         return f"<{type(self).__name__} fd={fd}{peer} {state}{self._repr_extra()}>"
+
+    def _eof_received(self) -> bool:
+        """Return whether a read met the peer's end of stream (subclasses' hook)."""
+        return False
 
     def _repr_extra(self) -> str:
         """Return what a subclass adds at the end of its repr."""

@@ -70,9 +70,9 @@ class FdStream(Connection, ByteStream):
                 f"FdStream is a byte stream and needs a SOCK_STREAM socket, not "
                 f"{sock.type!r}; make the socket with socket.SOCK_STREAM"
             )
+        self._inbox = Inbox()  # before the repr in the "opened" debug log
         super().__init__(sock)
         self._receive_guard = anyio.ResourceGuard("receiving from")
-        self._inbox = Inbox()
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:
@@ -349,6 +349,9 @@ class FdStream(Connection, ByteStream):
             bytes_received=self._bytes_received,
             fds_received=self._fds_received,
         )
+
+    def _eof_received(self) -> bool:
+        return self._inbox.eof
 
     def _buffers_closer(self) -> Callable[[], None]:
         return self._inbox.close

@@ -796,11 +796,14 @@ class _UnixListener(Listener[ConnectionT]):
         await checkpoint()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "listening"
-        return (
-            f"<{type(self).__name__} path={self._path!r} fd={self._sock.fileno()} "
-            f"{state} accepted={self._accepted}>"
-        )
+        try:
+            state = "closed" if self._closed else "listening"
+            return (
+                f"<{type(self).__name__} path={self._path!r} "
+                f"fd={self._sock.fileno()} {state} accepted={self._accepted}>"
+            )
+        except Exception:  # half made: its __init__ raised
+            return f"<{type(self).__name__} object at {id(self):#x}>"
 
     def _unlink_own_file(self) -> None:
         if self._identity is None or not isinstance(self._path, str):
