@@ -142,14 +142,18 @@ def test_bad_usage_exits_2_saying_why_on_stderr(
 
 
 @pytest.mark.system
-def test_errors_exit_1_saying_why_on_stderr(tmp_path: Path) -> None:
+def test_errors_exit_1_saying_why_on_stderr(tmp_path: Path, closing: list[int]) -> None:
     missing = tmp_path / "nobody.sock"
     (tmp_path / "plain").write_text("not a socket")
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    event = os.eventfd(0)
+    closing.append(event)
+    eventfd = f"/proc/{os.getpid()}/fd/{event}"
     for args, says in [
         (("send", missing), f"cannot connect to '{missing}'"),
         (("send", missing, "--file", tmp_path / "nofile"), "No such file"),
         (("listen", tmp_path / "plain"), "exists and is not a socket"),
+        (("send", missing, "--file", eventfd), "cannot be opened by path"),
         (("inspect", str(pid_max + 1)), f"no process with pid {pid_max + 1}"),
     ]:
         result = cli(*args)

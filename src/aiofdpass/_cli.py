@@ -174,7 +174,18 @@ async def _listen(args: argparse.Namespace) -> int:
 def _open(path: str) -> int:
     # O_NONBLOCK so that opening a FIFO does not wait for a writer; the
     # descriptor is made blocking again before it is sent.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        raise OSError(
+            exc.errno,
+            f"cannot open {path!r} ({exc.strerror}): a socket, or an "
+            "eventfd, epoll or other anonymous descriptor (also as "
+            "/proc/PID/fd/N), cannot be opened by path; send it from a "
+            "program with aiofdpass.connect()",
+        ) from None
     os.set_blocking(fd, True)
     return fd
 
