@@ -74,13 +74,18 @@ async def test_receive_counts_only_the_records_it_returns() -> None:
         assert stats.bytes_received == 2 * HEADER_SIZE + 8
 
 
+async def queue_two_records(channel: aiofdpass.FdChannel) -> None:
+    """Fill the socket, then send two records, one with a descriptor: queued."""
+    fill(raw(channel))
+    with pipe() as (r, _):
+        await channel.send(b"1234", [r])
+        await channel.send(b"5")
+
+
 async def test_statistics_show_what_is_queued_now() -> None:
     left, right = aiofdpass.channel_pair(close_timeout=0)
     async with left, right:
-        fill(raw(left))  # the socket is full: what follows is queued
-        with pipe() as (r, _):
-            await left.send(b"1234", [r])
-            await left.send(b"5")
+        await queue_two_records(left)
         stats = left.statistics()
         assert stats.records_sent == 2
         assert stats.records_queued == 2
@@ -97,10 +102,7 @@ async def test_statistics_count_what_was_dropped_unwritten(how: str) -> None:
     # dropped at close would read as written (records_queued falls to 0).
     left, right = aiofdpass.channel_pair(close_timeout=0)
     async with left, right:
-        fill(raw(left))  # the socket is full: what follows is queued
-        with pipe() as (r, _):
-            await left.send(b"1234", [r])
-            await left.send(b"5")
+        await queue_two_records(left)
         assert left.statistics().records_dropped == 0
         if how == "closed":
             await left.aclose()
