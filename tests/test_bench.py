@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +56,68 @@ def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
         }
         assert all(s["median"] > 0 for s in impls.values())
         assert impls["stdlib"]["ratio"] == 1.0
+
+
+WRK_OUTPUT = """\
+Running 1s test @ http://127.0.0.1:4000/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    14.20ms    5.01ms  34.02ms   70.00%
+    Req/Sec     3.27k   210.00     3.50k    80.00%
+  Latency Distribution
+     50%  850.00us
+     75%   16.00ms
+     90%   20.00ms
+     99%    1.20s
+  3300 requests in 1.01s, 400.00KB read
+  Socket errors: connect 0, read 2, write 1, timeout 0
+  Non-2xx or 3xx responses: 4
+Requests/sec:   3255.10
+Transfer/sec:    396.00KB
+"""
+
+
+def test_prefork_bench_reads_wrk_output() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        prefork_wrk = importlib.import_module("prefork_wrk")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert prefork_wrk.parse_wrk(WRK_OUTPUT) == {
+        "requests_per_s": 3255.10,
+        "p50_ms": 0.85,
+        "p99_ms": 1200.0,
+        "errors": 7,
+        "requests": 3300,
+    }
+    with pytest.raises(ValueError, match="not wrk's output"):
+        prefork_wrk.parse_wrk("Segmentation fault")
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not installed (make bench-prefork installs it with apt-get)",
+)
+def test_quick_prefork_bench_runs_every_server(tmp_path: Path) -> None:
+    out = tmp_path / "prefork.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "prefork_wrk.py"),
+            "--quick",
+            "--workers",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"single process", "pool N=1", "reuseport N=1"}
+    for loads in summary.values():
+        assert set(loads) == {"keepalive", "close", "cpu"}
+        assert all(row["requests_per_s"] > 0 for row in loads.values())

@@ -166,7 +166,7 @@ class _Worker:
         self.restarts = 0
         self.failures = 0
         self.delays: deque[float] = deque(maxlen=_MAX_DELAYS_KEPT)
-        self.gone = anyio.Event()
+        self.finished = anyio.Event()  # its supervisor returned
 
     @property
     def load(self) -> int:
@@ -337,6 +337,8 @@ class WorkerPool:
         self._waiting: deque[_Connection] = deque()
         self._tg: TaskGroup | None = None
         self._started = anyio.Event()
+        self._stop_event = anyio.Event()
+        self._stop_record = b""
         self._ready_workers = 0
         self._start_error: WorkerStartError | None = None
         self._stopping = False
@@ -407,17 +409,17 @@ class WorkerPool:
         self._stopping = self._stopped = True
         while self._waiting:
             self._close_unserved(self._waiting.popleft(), "the pool is stopping")
-        stop = json.dumps({"stop": drain_timeout}).encode()
+        self._stop_record = json.dumps({"stop": drain_timeout}).encode()
+        self._stop_event.set()
         for worker in self._workers:
             if worker.channel is not None:
                 with suppress(*_CHANNEL_ERRORS):
-                    await worker.channel.send(stop)
+                    await worker.channel.send(self._stop_record)
         with anyio.move_on_after(drain_timeout + 5):
             for worker in self._workers:
-                if worker.process is not None:
-                    await worker.gone.wait()
+                await worker.finished.wait()
         for worker in self._workers:
-            if worker.process is not None and worker.process.returncode is None:
+            if worker.process is not None:
                 logger.warning(
                     "worker %d (pid %d) did not exit %.1f s after stop: killing it",
                     worker.index,
@@ -427,9 +429,8 @@ class WorkerPool:
                 with suppress(ProcessLookupError):
                     worker.process.kill()
         for worker in self._workers:
-            if worker.process is not None:
-                await worker.gone.wait()
-        self._tg.cancel_scope.cancel()  # supervisors sleeping before a restart
+            await worker.finished.wait()
+        self._tg.cancel_scope.cancel()
 
     # -- supervision -----------------------------------------------------------
 
@@ -440,6 +441,14 @@ class WorkerPool:
         env: dict[str, str],
     ) -> None:
         """Run one slot: start its process, follow its reports, restart it."""
+        try:
+            await self._run_slot(worker, command, env)
+        finally:
+            worker.finished.set()
+
+    async def _run_slot(
+        self, worker: _Worker, command: list[str], env: dict[str, str]
+    ) -> None:
         first = True
         while not self._stopping:
             # A session of its own: Ctrl-C in a terminal reaches the master
@@ -448,7 +457,9 @@ class WorkerPool:
                 command, env=env, start_new_session=True
             )
             worker.process, worker.channel = process, channel
-            worker.gone = anyio.Event()
+            if self._stopping:  # stop() came while we were starting it
+                with suppress(*_CHANNEL_ERRORS):
+                    await channel.send(self._stop_record)
             try:
                 with suppress(*_CHANNEL_ERRORS):
                     async for message in channel:
@@ -471,7 +482,6 @@ class WorkerPool:
                 with anyio.CancelScope(shield=True):
                     await channel.aclose()
                     await process.aclose()
-                worker.gone.set()
             if first:
                 self._start_error = WorkerStartError(
                     f"worker {worker.index} (pid {process.pid}) exited with status "
@@ -498,7 +508,8 @@ class WorkerPool:
                     worker.failures,
                     delay,
                 )
-                await anyio.sleep(delay)
+                with anyio.move_on_after(delay):
+                    await self._stop_event.wait()  # stop() ends the wait
 
     async def _on_report(self, worker: _Worker, report: dict[str, Any]) -> bool:
         """Apply one report from a worker; return whether it was "ready"."""
