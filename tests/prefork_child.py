@@ -1,8 +1,9 @@
 """Handlers for test_prefork.py's worker pools, and a master to kill.
 
 As a target, ``tests.prefork_child:lines`` answers each line a client sends
-with ``"<worker pid> <the line>"``; the line ``raise`` makes it raise and
-``exit`` kills its worker (``os._exit(3)``).
+with ``"<worker pid> <the line>"``; the line ``raise`` makes it raise,
+``exit`` kills its worker (``os._exit(3)``), ``meta`` and ``loop`` are
+answered with the connection's metadata and the worker's event loop.
 
 Run as ``python prefork_child.py BACKEND``, it is a master: it starts a
 pool of two workers, reports their pids over its channel, then dispatches
@@ -20,7 +21,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
-from aiofdpass.prefork import WorkerPool
+from aiofdpass.prefork import WorkerPool, _current_backend
 
 
 async def lines(stream: SocketStream, meta: dict[str, object]) -> None:
@@ -38,6 +39,8 @@ async def lines(stream: SocketStream, meta: dict[str, object]) -> None:
             os._exit(3)
         if line == b"meta":
             line = json.dumps(meta).encode()
+        elif line == b"loop":
+            line = _current_backend().encode()
         await stream.send(prefix + line + b"\n")
 
 

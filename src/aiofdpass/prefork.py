@@ -471,6 +471,7 @@ class WorkerPool:
                             if self._ready_workers == len(self._workers):
                                 self._started.set()
                 # The channel ended: the worker is exiting (or was killed).
+                worker.ready = False
                 with anyio.move_on_after(5):
                     await process.wait()
                 if process.returncode is None:
