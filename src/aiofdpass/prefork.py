@@ -90,6 +90,8 @@ class WorkerStatistics:
         between (what the restart backoff grows with).
     :param restart_delays: the delays chosen before its latest restarts
         (the last 32), in seconds.
+
+    A snapshot: made by the pool, it never raises.
     """
 
     index: int
@@ -121,6 +123,8 @@ class PoolStatistics:
         ready (every worker was down when they came).
     :param closed: connections the pool closed unserved (each one logged
         with the reason).
+
+    A snapshot: made by the pool, it never raises.
     """
 
     workers: tuple[WorkerStatistics, ...]
@@ -275,7 +279,7 @@ class WorkerPool:
     as :meth:`stop` does.
 
     :param target: ``"package.module:function"``, importable in the worker
-        (which gets this process's :data:`sys.path`).
+        (which gets this process's ``sys.path``).
     :param workers: how many worker processes.
     :param route: ``"least-loaded"`` (fewest connections pending or active,
         ties in turn), or a function ``route(workers, key, meta) -> index``
@@ -403,6 +407,7 @@ class WorkerPool:
         then it cancels their handlers and exits, and a worker still
         running a few seconds after that is killed. Connections waiting
         for a worker are closed (and logged). Calling it again does nothing.
+        It never raises: what goes wrong with a worker is logged.
         """
         if self._stopped or self._tg is None:
             return
@@ -542,18 +547,19 @@ class WorkerPool:
         orphans = list(worker.pending.values())
         worker.pending.clear()
         lost, worker.active = worker.active, 0
-        level = logging.INFO if self._stopping and status == 0 else logging.WARNING
-        logger.log(
-            level,
-            "worker %d (pid %d) exited with status %s: %d connection(s) it was "
-            "serving were closed by the kernel; %d it had not taken are %s",
-            worker.index,
-            pid,
-            status,
-            lost,
-            len(orphans),
-            "closed" if self._stopping else "re-dispatched",
-        )
+        if self._stopping and status == 0 and not lost and not orphans:
+            logger.info("worker %d (pid %d) stopped", worker.index, pid)
+        else:
+            logger.warning(
+                "worker %d (pid %d) exited with status %s: %d connection(s) it had "
+                "taken and not finished died with it; %d it had not taken are %s",
+                worker.index,
+                pid,
+                status,
+                lost,
+                len(orphans),
+                "closed" if self._stopping else "re-dispatched",
+            )
         for connection in orphans:
             if self._stopping:
                 self._close_unserved(connection, "its worker died while stopping")
@@ -705,7 +711,7 @@ class WorkerPool:
         connection.fd.close()
 
     def statistics(self) -> PoolStatistics:
-        """Return the pool's counters now: per worker and in total."""
+        """Return the pool's counters now: per worker and in total; never raises."""
         return PoolStatistics(
             workers=tuple(w.statistics(self._stopping) for w in self._workers),
             dispatched=self._dispatched,
