@@ -336,6 +336,32 @@ async def test_serve_tcp(anyio_backend: object) -> None:
             tg.cancel_scope.cancel()
 
 
+async def test_cancelling_the_master_drains_connections_in_flight(
+    anyio_backend: object,
+) -> None:
+    pool = WorkerPool(TARGET, workers=1)
+    master = anyio.CancelScope()
+
+    async def run_master(
+        listener: socket.socket, *, task_status: anyio.abc.TaskStatus[Client]
+    ) -> None:
+        with master:
+            async with pool:
+                task_status.started(await connect(listener, pool))
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(30):
+        async with tcp_listener() as listener, anyio.create_task_group() as tg:
+            client = await tg.start(run_master, listener)
+            async with client.stream:
+                pid, _ = await client.ask("before")
+                master.cancel()  # what Ctrl-C or SIGTERM handling does
+                # The worker still serves the connection it has, to its end.
+                assert await client.ask("while stopping") == (pid, "while stopping")
+    # The master kept reading the worker's reports until it exited.
+    assert pool.statistics().served == 1
+
+
 async def test_a_target_that_does_not_import(anyio_backend: object) -> None:
     with anyio.fail_after(30):
         with pytest.raises(WorkerStartError, match="before it was ready"):

@@ -171,6 +171,7 @@ class _Worker:
         self.failures = 0
         self.delays: deque[float] = deque(maxlen=_MAX_DELAYS_KEPT)
         self.finished = anyio.Event()  # its supervisor returned
+        self.scope = anyio.CancelScope(shield=True)  # its supervisor's
 
     @property
     def load(self) -> int:
@@ -376,13 +377,11 @@ class WorkerPool:
                 self._tg.start_soon(self._supervise, worker, command, env)
             await self._started.wait()
         except BaseException as exc:
-            self._stopping = self._stopped = True
-            self._tg.cancel_scope.cancel()
+            self._cancel_supervisors()
             await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         if self._start_error is not None:
-            self._stopping = self._stopped = True
-            self._tg.cancel_scope.cancel()
+            self._cancel_supervisors()
             await self._tg.__aexit__(None, None, None)
             raise self._start_error
         return self
@@ -435,6 +434,14 @@ class WorkerPool:
                     worker.process.kill()
         for worker in self._workers:
             await worker.finished.wait()
+        self._cancel_supervisors()
+
+    def _cancel_supervisors(self) -> None:
+        """End every slot's supervisor now (each closes its channel and reaps)."""
+        self._stopping = self._stopped = True
+        for worker in self._workers:
+            worker.scope.cancel()
+        assert self._tg is not None
         self._tg.cancel_scope.cancel()
 
     # -- supervision -----------------------------------------------------------
@@ -445,9 +452,14 @@ class WorkerPool:
         command: list[str],
         env: dict[str, str],
     ) -> None:
-        """Run one slot: start its process, follow its reports, restart it."""
+        """Run one slot: start its process, follow its reports, restart it.
+
+        Shielded: cancelling the code around the pool must not cut the
+        workers' channels before :meth:`stop` has let them finish.
+        """
         try:
-            await self._run_slot(worker, command, env)
+            with worker.scope:
+                await self._run_slot(worker, command, env)
         finally:
             worker.finished.set()
 
