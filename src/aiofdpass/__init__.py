@@ -15,7 +15,14 @@ from ._fd import Fd
 from ._message import Limits, Message
 from ._process import CHANNEL_FD_ENV, channel_from_env, open_child_process
 from ._stream import FdStream, stream_pair
-from ._unix import FdListener, connect, connect_stream, listen
+from ._unix import (
+    FdListener,
+    FdStreamListener,
+    connect,
+    connect_stream,
+    listen,
+    listen_stream,
+)
 from ._version import __version__
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "FdPassAttribute",
     "FdPassError",
     "FdStream",
+    "FdStreamListener",
     "LimitError",
     "Limits",
     "Message",
@@ -38,6 +46,7 @@ __all__ = [
     "connect",
     "connect_stream",
     "listen",
+    "listen_stream",
     "open_child_process",
     "same_user",
     "stream_pair",

@@ -52,6 +52,12 @@ _FAST = struct.Struct("!4sHHI")
 _LEAD = b"FD\x01\x00"
 HEADER_SIZE = _HEADER.size  # 12
 
+# Said by every error that means "this peer speaks another protocol".
+_FOREIGN = (
+    " If the peer speaks a protocol of its own, talk to it with FdStream "
+    "(connect_stream(), listen_stream(), FdStream.from_socket()), not FdChannel"
+)
+
 #: How much a single read may bring in at least, when no record needs more.
 READ_SIZE = 64 * 1024
 
@@ -100,16 +106,25 @@ class RecordDecoder:
     def get_buffer(self) -> memoryview:
         """Return free space to read into; pass the count read to :meth:`commit`.
 
-        The space is sized for the record being received (so a large payload
-        is read in few calls) but never beyond what the limits allow: a
-        header is checked before space for its payload is made.
+        The space grows with the record being received, never with what its
+        header announces: at most as much again as the record has brought
+        so far (at least a 64 KiB read), so a large payload is read in few
+        calls, and a peer that sends a header and stalls makes this side
+        commit no memory for the payload it announced. A header over the
+        limits is refused before any of that.
+
+        :raises ProtocolError: if the memory for a record cannot be had
+            (``MemoryError``); the decoder has then closed its descriptors.
         """
         if self._failed is not None:
             self._check_usable()
         wanted = READ_SIZE
         if self._header is not None:
-            # Room for the rest of this record, plus a read's worth after it.
-            wanted = max(wanted, HEADER_SIZE + self._header[0] - self._pending())
+            # The rest of this record, but no more than arrived of it so
+            # far: doubling, so copies stay linear in the record's size.
+            pending = self._end - self._start
+            rest = HEADER_SIZE + self._header[0] - pending
+            wanted = max(wanted, rest if rest < pending else pending)
         elif self._start == self._end:
             # Everything read was decoded: the next read starts at the front.
             self._start = self._end = 0
@@ -158,6 +173,10 @@ class RecordDecoder:
         header = self._header
         if header is None:
             if self._end - start < HEADER_SIZE:
+                if self._end > start and not _LEAD.startswith(
+                    self._buf[start : min(self._end, start + len(_LEAD))]
+                ):
+                    self._check_lead()  # raises: no valid header begins so
                 if len(self._fds) > SCM_MAX_FD:
                     self._check_unclaimed()
                 return None
@@ -276,23 +295,45 @@ class RecordDecoder:
             self._buf[:pending] = self._buf[self._start : self._end]
             self._start, self._end = 0, pending
         if len(self._buf) - self._end < n:
-            self._buf.extend(bytes(n - (len(self._buf) - self._end)))
+            try:
+                self._buf.extend(bytes(n - (len(self._buf) - self._end)))
+            except MemoryError:
+                self._fail(
+                    f"out of memory for a record of {pending + n} bytes or "
+                    "more: lower Limits.max_payload to what this process can "
+                    "hold; the record and its descriptors were discarded"
+                )
+
+    def _check_lead(self) -> None:
+        """Fail if the bytes of a header that arrived so far cannot begin one.
+
+        Called as soon as the first bytes differ from magic, version and
+        flags, so a peer that speaks another protocol (and may wait for an
+        answer after a few bytes) fails at once instead of hanging.
+        """
+        lead = bytes(self._buf[self._start : min(self._end, self._start + 4)])
+        if not MAGIC.startswith(lead[:2]):
+            self._fail(
+                f"bad magic {lead[:2]!r} (expected {MAGIC!r}): the peer "
+                "does not speak the aiofdpass record protocol, or the stream "
+                f"lost its framing.{_FOREIGN}"
+            )
+        if len(lead) > 2 and lead[2] != VERSION:
+            self._fail(
+                f"unsupported protocol version {lead[2]} (this side speaks "
+                f"version {VERSION}); upgrade the older side.{_FOREIGN}"
+            )
+        if len(lead) > 3 and lead[3]:
+            self._fail(
+                f"header flags {lead[3]:#x} are not zero; the peer uses a "
+                "protocol extension this side does not know"
+            )
 
     def _parse_header(self) -> tuple[int, int]:
-        magic, version, flags, nfds, reserved, length = _HEADER.unpack_from(
+        self._check_lead()
+        _, _, flags, nfds, reserved, length = _HEADER.unpack_from(
             self._buf, self._start
         )
-        if magic != MAGIC:
-            self._fail(
-                f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): the peer "
-                "does not speak the aiofdpass record protocol, or the stream "
-                "lost its framing"
-            )
-        if version != VERSION:
-            self._fail(
-                f"unsupported protocol version {version} (this side speaks "
-                f"version {VERSION}); upgrade the older side"
-            )
         if flags or reserved:
             self._fail(
                 f"header flags {flags:#x} / reserved {reserved:#x} are not zero; "
