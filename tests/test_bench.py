@@ -16,26 +16,25 @@ pytestmark = pytest.mark.system
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def run_quick(script: str, out: Path, *args: str) -> str:
+    """Run a benchmark script's quick mode; return its output."""
+    command = [sys.executable, str(ROOT / "bench" / script), "--quick"]
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench.py"),
-            "--quick",
-            "--workloads",
-            "w2,w4",
-            "--json",
-            str(out),
-        ],
+        [*command, "--json", str(out), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| W2 ping-pong" in result.stdout
-    assert "| trio | " in result.stdout  # the ratios the targets use
+    return result.stdout
+
+
+def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    stdout = run_quick("bench.py", out, "--workloads", "w2,w4")
+    assert "| W2 ping-pong" in stdout
+    assert "| trio | " in stdout  # the ratios the targets use
     data = json.loads(out.read_text())
     for workload in ("w2", "w4"):
         impls = data["summary"][workload]
@@ -100,22 +99,7 @@ def test_prefork_bench_reads_wrk_output() -> None:
 )
 def test_quick_prefork_bench_runs_every_server(tmp_path: Path) -> None:
     out = tmp_path / "prefork.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "prefork_wrk.py"),
-            "--quick",
-            "--workers",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_quick("prefork_wrk.py", out, "--workers", "1")
     summary = json.loads(out.read_text())["summary"]
     assert set(summary) == {"single process", "pool N=1", "reuseport N=1"}
     for loads in summary.values():
