@@ -42,7 +42,12 @@ EXPECTED = {
         "ttyS0 is free again",
     ],
     "shm_ring": ["shared memory ring: 8 MiB", "channel records: 8 MiB"],
-    "hot_restart": ["[gen 3 pid", "handed the listening socket over", "0 refused"],
+    "hot_restart": [
+        "[gen 3 pid",
+        "successor pid",
+        "handed the listening socket over",
+        "0 refused",
+    ],
     # The cookbook's recipes (docs/foreign-protocols.md), each with a C peer.
     "foreign_apue": [
         "read through the descriptor: b'first line\\n'",

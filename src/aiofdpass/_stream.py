@@ -16,6 +16,7 @@ from ._errors import LimitError
 from ._fd import Fd
 from ._inbox import Inbox
 from ._message import SCM_MAX_FD
+from ._statistics import StreamStatistics
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -77,7 +78,8 @@ class FdStream(Connection, ByteStream):
     def from_socket(cls, sock: socket.socket) -> Self:
         """Adopt a connected AF_UNIX stream socket; the stream owns it now.
 
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included).
         """
         return cls(sock)
 
@@ -91,8 +93,8 @@ class FdStream(Connection, ByteStream):
         :raises TypeError: if ``fd`` is neither an ``int`` nor an ``Fd``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket,
-            or the ``Fd`` is closed.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included), or the ``Fd`` is closed.
         """
         return adopt_fd(fd, cls)
 
@@ -163,7 +165,10 @@ class FdStream(Connection, ByteStream):
                 f"{len(numbers)} descriptors in one send, over the kernel's "
                 f"{SCM_MAX_FD} per sendmsg; split them. Nothing was sent"
             )
+        nbytes = sum(map(len, views))  # send_bytes() consumes the list
         await self._writer.send_bytes(views, numbers)
+        self._bytes_sent += nbytes
+        self._fds_sent += len(numbers)
         if close_fds:
             await close_sent(objs)
 
@@ -315,6 +320,9 @@ class FdStream(Connection, ByteStream):
             view.release()
         # No await since the read: the inbox owns the descriptors at once.
         inbox.commit(nbytes, numbers)
+        self._bytes_received += nbytes
+        if numbers:
+            self._fds_received += len(numbers)
         if not nbytes:
             inbox.eof = True
             raise EndOfStream
@@ -329,6 +337,18 @@ class FdStream(Connection, ByteStream):
             "descriptor(s) to take_fds()",
         )
         return exc
+
+    def statistics(self) -> StreamStatistics:
+        """Return what this stream has sent and received (:class:`StreamStatistics`).
+
+        It never raises, also after :meth:`aclose`.
+        """
+        return StreamStatistics(
+            bytes_sent=self._bytes_sent,
+            fds_sent=self._fds_sent,
+            bytes_received=self._bytes_received,
+            fds_received=self._fds_received,
+        )
 
     def _buffers_closer(self) -> Callable[[], None]:
         return self._inbox.close

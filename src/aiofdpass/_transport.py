@@ -11,6 +11,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import logging
 import socket
 import struct
 import sys
@@ -39,6 +40,8 @@ __all__ = [
     "parse_ancillary",
     "scm_rights",
 ]
+
+logger = logging.getLogger("aiofdpass")
 
 _INT_SIZE = array.array("i").itemsize
 
@@ -118,7 +121,7 @@ def _set_cloexec(fds: list[int]) -> None:  # pragma: no cover - not on Linux
 
 
 def check_unix_stream(sock: socket.socket) -> None:
-    """Raise ``ValueError`` unless ``sock`` is a usable AF_UNIX stream socket."""
+    """Raise ``ValueError`` unless ``sock`` is a connected AF_UNIX stream socket."""
     if not isinstance(sock, socket.socket):
         raise TypeError(
             f"expected a socket.socket, not {type(sock).__name__}; for a "
@@ -136,6 +139,20 @@ def check_unix_stream(sock: socket.socket) -> None:
             "framing is done by the library, and SOCK_SEQPACKET/SOCK_DGRAM "
             "truncate records that do not fit the read buffer"
         )
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(
+                "this socket is listening, not connected: adopt the "
+                "connections its accept() returns (or use aiofdpass.listen())"
+            ) from None
+        raise ValueError(
+            "this socket is not connected: connect it first (or use "
+            "aiofdpass.connect() or channel_pair())"
+        ) from None
 
 
 # The state of one direction of a transport. Sending can also be shut down
@@ -255,6 +272,7 @@ class Transport:
             "received can still be read, then close it",
             exc,
         )
+        logger.debug("fd %d: sending broke (%s): %r", self.sock.fileno(), reason, exc)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         if self.on_send_break is not None:
@@ -269,6 +287,7 @@ class Transport:
             f"this channel is broken ({reason}); close it and open a new connection",
             exc,
         )
+        logger.debug("fd %d: broken (%s): %r", self.sock.fileno(), reason, exc)
         send_was_open = self.send_state is OPEN
         self.send_state = self.recv_state = BROKEN
         self._send_failure = self._recv_failure = failure
