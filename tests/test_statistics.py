@@ -124,6 +124,23 @@ async def test_statistics_count_what_was_dropped_unwritten(how: str) -> None:
     )
 
 
+async def test_a_forwarded_message_counts_like_the_record_it_was() -> None:
+    a, b = aiofdpass.channel_pair()
+    c, d = aiofdpass.channel_pair()
+    async with a, b, c, d:
+        with pipe() as (r, w):
+            await a.send(b"fwd", [r, w])
+        await c.send(await b.receive(), close_fds=True)  # its numbers, as they are
+        (await d.receive()).close()
+        wire = (1, HEADER_SIZE + 3, 2)
+        got = b.statistics()
+        assert (got.records_received, got.bytes_received, got.fds_received) == wire
+        sent = c.statistics()
+        assert (sent.records_sent, sent.bytes_sent, sent.fds_sent) == wire
+        got = d.statistics()
+        assert (got.records_received, got.bytes_received, got.fds_received) == wire
+
+
 async def test_a_failed_send_counts_nothing() -> None:
     left, right = aiofdpass.channel_pair(limits=aiofdpass.Limits(max_payload=4))
     async with left, right:
