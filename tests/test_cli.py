@@ -7,6 +7,7 @@ descriptor, in this process) starts real processes.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -20,6 +21,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
+from aiofdpass._codec import encode_header
 from aiofdpass._describe import describe, list_fds
 
 SCRIPT = Path(sys.executable).parent / "aiofdpass"
@@ -266,6 +268,33 @@ def test_a_peer_that_breaks_the_framing_is_one_line_on_stderr(tmp_path: Path) ->
     assert out.endswith(": b'ok' (2 bytes), 0 fds\n")
     assert err.startswith("aiofdpass listen: connection from pid ")
     assert ": ProtocolError: bad magic b'GE'" in err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["records", "stream"])
+def test_descriptors_lost_on_one_connection_are_one_line_on_stderr(
+    tmp_path: Path, closing: list[int], stream: list[str]
+) -> None:
+    path = tmp_path / "s.sock"
+    listener = Listener(path, "--count", "1", *stream)
+    # Too few descriptors left in the listener for what arrives: MSG_CTRUNC.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(listener.proc.pid, resource.RLIMIT_NOFILE, (32, hard))
+    r, w = os.pipe()
+    closing.extend([r, w])
+    with socket.socket(socket.AF_UNIX) as peer:
+        peer.connect(str(path))
+        record = encode_header(1, 40) + b"x"  # also valid framing
+        socket.send_fds(peer, [record], [r] * 40)
+        assert peer.recv(1) == b""  # closed once the listener said why
+    result = cli("send", path, "--data", "ok", *stream)
+    assert result.returncode == 0, result
+    status, out, err = listener.finish()
+    assert status == 0
+    assert out.endswith(": b'ok' (2 bytes), 0 fds\n")
+    assert err.startswith("aiofdpass listen: connection from pid ")
+    assert ": DescriptorsLostError: the kernel dropped descriptors" in err
     assert len(err.splitlines()) == 1, err
 
 
