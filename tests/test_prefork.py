@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -397,3 +398,38 @@ async def test_dispatch_before_entering(anyio_backend: object) -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
         await pool.dispatch(a)
+
+
+# -- attacks on the promises (issue 14's review) --------------------------------
+
+
+async def reset_by_client(listener: socket.socket, pool: WorkerPool) -> None:
+    """Dispatch a connection whose client resets it before the worker wraps it."""
+    client = socket.create_connection(listener.getsockname()[:2])
+    sock, _ = listener.accept()
+    with sock:
+        await pool.dispatch(sock)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        await anyio.wait_readable(sock)  # the reset arrived
+        with pytest.raises(OSError, match="not connected"):
+            sock.getpeername()  # what SocketStream.from_socket checks
+
+
+async def test_a_connection_reset_before_the_worker_wraps_it(
+    anyio_backend: object,
+) -> None:
+    # It used to crash the worker (anyio refuses to wrap an unconnected
+    # socket) and every connection it was serving with it.
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            client = await connect(listener, pool)
+            async with client.stream:
+                pid, _ = await client.ask("before")
+                await stop_and_confirm(pid)
+                await reset_by_client(listener, pool)
+                os.kill(pid, signal.SIGCONT)
+                await until(pool, lambda s: s.served == 1)
+                assert await client.ask("after") == (pid, "after")
+        worker = pool.statistics().workers[0]
+        assert (worker.errors, worker.restarts) == (1, 0)

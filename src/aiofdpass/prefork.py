@@ -859,16 +859,24 @@ async def _serve_one(
     """Run the handler on one connection; report to the master when it ends."""
     error: str | None = None
     try:
+        # anyio refuses a socket that is no longer connected: a client that
+        # reset the connection before we got here (getpeername: ENOTCONN).
+        # That ends this connection only, not the worker and its others.
         stream = await SocketStream.from_socket(sock)
+    except Exception as exc:
+        sock.close()
+        logger.warning("connection %d ended before it was served: %s", order["id"], exc)
+        error = repr(exc)
     except BaseException:
         sock.close()
         raise
-    try:
-        async with stream:
-            await handler(stream, order["meta"])
-    except Exception as exc:
-        logger.exception("the handler failed on connection %d", order["id"])
-        error = repr(exc)
+    else:
+        try:
+            async with stream:
+                await handler(stream, order["meta"])
+        except Exception as exc:
+            logger.exception("the handler failed on connection %d", order["id"])
+            error = repr(exc)
     with suppress(*_CHANNEL_ERRORS):
         report = {"done": order["id"], "error": error}
         await channel.send(json.dumps(report).encode())
