@@ -23,7 +23,7 @@ import pytest
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from aiofdpass import open_child_process
+from aiofdpass import LimitError, open_child_process
 from aiofdpass.prefork import (
     PoolStatistics,
     WorkerPool,
@@ -433,3 +433,51 @@ async def test_a_connection_reset_before_the_worker_wraps_it(
                 assert await client.ask("after") == (pid, "after")
         worker = pool.statistics().workers[0]
         assert (worker.errors, worker.restarts) == (1, 0)
+
+
+async def test_meta_over_the_channel_limit_is_refused(anyio_backend: object) -> None:
+    # It used to be taken for a dead worker's channel: every worker "failed",
+    # dispatch returned, and the connection waited in the pool until stop().
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=2) as pool:
+        stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+        sock, _ = listener.accept()
+        async with stream:
+            with sock:
+                with pytest.raises(LimitError, match="max_payload"):
+                    await pool.dispatch(sock, {"big": "x" * 2**24}, close=True)
+                assert copies_of(sock.fileno()) == 1  # still the caller's
+        stats = pool.statistics()
+        assert (stats.dispatched, stats.waiting, stats.closed) == (0, 0, 0)
+        assert [w.restarts for w in stats.workers] == [0, 0]
+
+
+async def test_a_route_that_raises_on_re_dispatch(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A route that raises when a dead worker's connections are sent again
+    # used to end that slot's supervisor: the pool failed and the
+    # connection's copy leaked.
+    calls = 0
+
+    def first_to_0(
+        workers: Sequence[WorkerStatistics], key: object, meta: object
+    ) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("route is broken")
+        return 0
+
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=2, route=first_to_0) as pool,
+    ):
+        with anyio.fail_after(30):
+            victim, other = pids(pool)
+            await stop_and_confirm(victim)
+            client = await connect(listener, pool)
+            os.kill(victim, signal.SIGKILL)
+            async with client.stream:
+                assert await client.ask("re-dispatched") == (other, "re-dispatched")
+            assert pool.statistics().redispatched == 1
+    assert "route raised RuntimeError('route is broken')" in caplog.text

@@ -67,6 +67,9 @@ Backend = Literal["asyncio", "uvloop", "trio"]
 _PATH_ENV = "AIOFDPASS_PREFORK_PATH"
 _WORKER_CODE = "from aiofdpass.prefork import _worker_main; _worker_main()"
 _CHANNEL_ERRORS = (BrokenResourceError, ClosedResourceError, FdPassError)
+# What a send to a worker raises when that worker's channel is gone: try
+# another worker. Anything else (LimitError, EMFILE) is about the record.
+_WORKER_GONE = (BrokenResourceError, ClosedResourceError)
 _RING_POINTS = 64  # points per worker on the consistent-hash ring
 _MAX_DELAYS_KEPT = 32
 
@@ -611,7 +614,9 @@ class WorkerPool:
             bytes themselves).
         :raises TypeError: if ``meta`` is not a JSON-able ``dict``.
         :raises ValueError: if ``route`` returned an index that is not one
-            of the workers it was given.
+            of the workers it was given (and whatever ``route`` raises).
+        :raises aiofdpass.LimitError: if the record (``meta`` as JSON) is
+            over the channel's ``max_payload`` (16 MiB).
         :raises anyio.ClosedResourceError: if the pool is not running
             (not entered yet, or stopping), or every worker has exited and
             ``restart=False``; the caller keeps ``sock``.
@@ -663,14 +668,23 @@ class WorkerPool:
             if not candidates:
                 return None
             stats = [w.statistics(self._stopping) for w in candidates]
-            index = self._route(stats, connection.key, connection.meta)
+            try:
+                index = self._route(stats, connection.key, connection.meta)
+            except Exception as exc:
+                if strict:
+                    raise  # dispatch() raises it; the caller keeps its socket
+                # Re-dispatching for a dead worker, in its slot's supervisor:
+                # the connection still needs a worker, and the pool its
+                # supervisor.
+                index, message = -1, f"route raised {exc!r}"
+            else:
+                message = (
+                    f"route returned {index!r}, not the index of one of the "
+                    f"workers it was given ({[w.index for w in candidates]})"
+                )
             chosen = [w for w in candidates if w.index == index]
             if chosen:
                 return chosen[0]
-            message = (
-                f"route returned {index!r}, not the index of one of the workers "
-                f"it was given ({[w.index for w in candidates]})"
-            )
             if strict:
                 raise ValueError(message)
             logger.error(
@@ -700,10 +714,18 @@ class WorkerPool:
             try:
                 await worker.channel.send(connection.record, [connection.fd])
                 return
-            except _CHANNEL_ERRORS:
+            except _WORKER_GONE:
                 # send() raised: nothing was sent and our copy is still ours.
                 del worker.pending[connection.id]
                 tried.add(worker.index)
+            except Exception as exc:
+                # About the record (over the channel's limits, EMFILE for the
+                # channel's duplicate): no other worker would take it either.
+                del worker.pending[connection.id]
+                if strict:
+                    raise  # dispatch() raises it; the caller keeps its socket
+                self._close_unserved(connection, f"sending it failed: {exc!r}")
+                return
             except BaseException:
                 del worker.pending[connection.id]
                 raise
