@@ -481,3 +481,25 @@ async def test_a_route_that_raises_on_re_dispatch(
                 assert await client.ask("re-dispatched") == (other, "re-dispatched")
             assert pool.statistics().redispatched == 1
     assert "route raised RuntimeError('route is broken')" in caplog.text
+
+
+async def test_leaving_after_a_cancelled_stop_still_stops_the_workers(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stop() that was cancelled used to count as done: leaving the block
+    # then waited for the workers with no deadline and no kill, forever for
+    # one that does not exit (here stopped; in life a handler that ignores
+    # cancellation or a blocked event loop).
+    with anyio.fail_after(30):
+        async with WorkerPool(TARGET, workers=1) as pool:
+            stuck = pids(pool)[0]
+            pidfd = os.pidfd_open(stuck)
+            await stop_and_confirm(stuck)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await pool.stop(drain_timeout=0)
+        try:
+            await anyio.wait_readable(pidfd)  # it exited
+        finally:
+            os.close(pidfd)
+    assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text

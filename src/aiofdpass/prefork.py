@@ -175,6 +175,7 @@ class _Worker:
         self.delays: deque[float] = deque(maxlen=_MAX_DELAYS_KEPT)
         self.finished = anyio.Event()  # its supervisor returned
         self.scope = anyio.CancelScope(shield=True)  # its supervisor's
+        self.told_to_stop: FdChannel | None = None  # the channel stop() used
 
     @property
     def load(self) -> int:
@@ -347,6 +348,9 @@ class WorkerPool:
         self._started = anyio.Event()
         self._stop_event = anyio.Event()
         self._stop_record = b""
+        self._stop_drain = 0.0
+        self._stop_deadline = 0.0
+        self._stop_done = False
         self._ready_workers = 0
         self._start_error: WorkerStartError | None = None
         self._stopping = False
@@ -408,21 +412,29 @@ class WorkerPool:
         worker gets ``drain_timeout`` seconds to finish its connections;
         then it cancels their handlers and exits, and a worker still
         running a few seconds after that is killed. Connections waiting
-        for a worker are closed (and logged). Calling it again does nothing.
+        for a worker are closed (and logged). Calling it again, also after
+        a call that was cancelled (leaving the ``async with`` block does),
+        goes on with what the first call started, with its
+        ``drain_timeout``; once the pool has stopped it does nothing.
         It never raises: what goes wrong with a worker is logged.
         """
-        if self._stopped or self._tg is None:
+        if self._stop_done or self._tg is None:
             return
-        self._stopping = self._stopped = True
-        while self._waiting:
-            self._close_unserved(self._waiting.popleft(), "the pool is stopping")
-        self._stop_record = json.dumps({"stop": drain_timeout}).encode()
-        self._stop_event.set()
+        if not self._stopped:
+            self._stopping = self._stopped = True
+            while self._waiting:
+                self._close_unserved(self._waiting.popleft(), "the pool is stopping")
+            self._stop_record = json.dumps({"stop": drain_timeout}).encode()
+            self._stop_drain = drain_timeout
+            self._stop_deadline = anyio.current_time() + drain_timeout + 5
+            self._stop_event.set()
         for worker in self._workers:
-            if worker.channel is not None:
+            channel = worker.channel
+            if channel is not None and worker.told_to_stop is not channel:
                 with suppress(*_CHANNEL_ERRORS):
-                    await worker.channel.send(self._stop_record)
-        with anyio.move_on_after(drain_timeout + 5):
+                    await channel.send(self._stop_record)
+                worker.told_to_stop = channel
+        with anyio.CancelScope(deadline=self._stop_deadline):
             for worker in self._workers:
                 await worker.finished.wait()
         for worker in self._workers:
@@ -431,13 +443,14 @@ class WorkerPool:
                     "worker %d (pid %d) did not exit %.1f s after stop: killing it",
                     worker.index,
                     worker.process.pid,
-                    drain_timeout,
+                    self._stop_drain,
                 )
                 with suppress(ProcessLookupError):
                     worker.process.kill()
         for worker in self._workers:
             await worker.finished.wait()
         self._cancel_supervisors()
+        self._stop_done = True
 
     def _cancel_supervisors(self) -> None:
         """End every slot's supervisor now (each closes its channel and reaps)."""
@@ -480,6 +493,7 @@ class WorkerPool:
             if self._stopping:  # stop() came while we were starting it
                 with suppress(*_CHANNEL_ERRORS):
                     await channel.send(self._stop_record)
+                worker.told_to_stop = channel
             try:
                 with suppress(*_CHANNEL_ERRORS):
                     async for message in channel:
