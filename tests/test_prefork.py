@@ -503,3 +503,32 @@ async def test_leaving_after_a_cancelled_stop_still_stops_the_workers(
         finally:
             os.close(pidfd)
     assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text
+
+
+async def test_cancelling_the_start_kills_a_worker_stuck_importing(
+    anyio_backend: object,
+) -> None:
+    # Cancelling `async with WorkerPool(...)` while a worker was still
+    # importing its target used to wait (shielded) for that worker to exit:
+    # forever, for an import that never finishes.
+    pool = WorkerPool("tests.prefork_stuck:handler", workers=1)
+    entering = anyio.CancelScope()
+
+    async def enter() -> None:
+        with entering:
+            async with pool:
+                pytest.fail("the pool cannot start")  # pragma: no cover
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter)
+            await until(pool, lambda s: s.workers[0].pid is not None)
+            stuck = pids(pool)[0]
+            pidfd = os.pidfd_open(stuck)
+            flags = os.WSTOPPED | os.WNOWAIT
+            await anyio.to_thread.run_sync(os.waitid, os.P_PID, stuck, flags)
+            entering.cancel()
+        try:
+            await anyio.wait_readable(pidfd)  # killed and reaped
+        finally:
+            os.close(pidfd)

@@ -514,6 +514,12 @@ class WorkerPool:
             finally:
                 worker.ready = False
                 worker.process = worker.channel = None
+                if process.returncode is None:
+                    # Cancelled (the pool failed to start, or was cancelled
+                    # while starting) with the worker alive: one stuck in
+                    # its import would never exit, and we wait shielded.
+                    with suppress(ProcessLookupError):
+                        process.kill()
                 with anyio.CancelScope(shield=True):
                     await channel.aclose()
                     await process.aclose()
