@@ -1,4 +1,7 @@
-"""A target whose import never finishes: it stops its own process (SIGSTOP)."""
+"""A target whose import never finishes: it stops its own process (SIGSTOP).
+
+Only in a worker (a child joined by a channel), never in the test run itself.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import signal
 
 from anyio.abc import SocketStream
 
-os.kill(os.getpid(), signal.SIGSTOP)
+if "AIOFDPASS_CHANNEL_FD" in os.environ:
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 async def handler(stream: SocketStream, meta: dict[str, object]) -> None:
