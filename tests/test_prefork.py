@@ -532,3 +532,27 @@ async def test_cancelling_the_start_kills_a_worker_stuck_importing(
             await anyio.wait_readable(pidfd)  # killed and reaped
         finally:
             os.close(pidfd)
+
+
+async def test_dispatching_what_is_not_a_stream_socket(anyio_backend: object) -> None:
+    # A pipe used to crash the worker that got it (no socket to make of it),
+    # then every worker it was re-dispatched to, in turn. A datagram socket
+    # ends only its own connection in the worker.
+    async with WorkerPool(TARGET, workers=2) as pool:
+        r, w = os.pipe()
+        try:
+            with pytest.raises(TypeError, match="stream socket"):
+                await pool.dispatch(r, close=True)
+            os.fstat(r)  # still the caller's
+        finally:
+            os.close(r)
+            os.close(w)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with pytest.raises(TypeError, match="stream socket"):
+                await pool.dispatch(udp)
+            with anyio.fail_after(30):
+                await pool.dispatch(udp.fileno())  # a number: the worker says no
+                await until(pool, lambda s: s.served == 1)
+        stats = pool.statistics()
+        assert sum(w.errors for w in stats.workers) == 1
+        assert [w.restarts for w in stats.workers] == [0, 0]

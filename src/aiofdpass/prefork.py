@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -632,7 +633,8 @@ class WorkerPool:
         :param meta: JSON-able metadata; the handler gets it as a ``dict``.
         :param key: route by consistent hashing of ``str(key)`` (or the
             bytes themselves).
-        :raises TypeError: if ``meta`` is not a JSON-able ``dict``.
+        :raises TypeError: if ``meta`` is not a JSON-able ``dict``, or
+            ``sock`` is not a stream socket.
         :raises ValueError: if ``route`` returned an index that is not one
             of the workers it was given (and whatever ``route`` raises).
         :raises aiofdpass.LimitError: if the record (``meta`` as JSON) is
@@ -660,7 +662,17 @@ class WorkerPool:
             record = json.dumps({"id": self._next_id, "meta": meta}).encode()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"meta must be JSON-able: {exc}") from None
-        fd = Fd(os.dup(sock if isinstance(sock, int) else sock.fileno()))
+        number = sock if isinstance(sock, int) else sock.fileno()
+        # A descriptor the worker cannot make a socket of would crash every
+        # worker it is re-dispatched to, in turn.
+        if not stat.S_ISSOCK(os.fstat(number).st_mode) or (
+            isinstance(sock, socket.socket) and sock.type != socket.SOCK_STREAM
+        ):
+            raise TypeError(
+                f"sock must be a connected stream socket; descriptor {number} "
+                "is not one (it is still yours)"
+            )
+        fd = Fd(os.dup(number))
         connection = _Connection(self._next_id, fd, meta, record, key)
         try:
             await self._send(connection, strict=True)
