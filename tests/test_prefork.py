@@ -556,3 +556,39 @@ async def test_dispatching_what_is_not_a_stream_socket(anyio_backend: object) ->
         stats = pool.statistics()
         assert sum(w.errors for w in stats.workers) == 1
         assert [w.restarts for w in stats.workers] == [0, 0]
+
+
+async def test_serve_tcp_survives_a_dispatch_that_raises(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A dispatch that raised (here the route; in life EMFILE for the pool's
+    # copy) used to end serve_tcp, and leave the accepted socket open.
+    calls = 0
+
+    def fails_once(
+        workers: Sequence[WorkerStatistics], key: object, meta: object
+    ) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("route is broken once")
+        return workers[0].index
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(
+                lambda task_status: serve_tcp(
+                    "127.0.0.1",
+                    0,
+                    TARGET,
+                    workers=1,
+                    route=fails_once,
+                    task_status=task_status,
+                )
+            )
+            async with await anyio.connect_tcp(host, port) as stream:
+                assert await Client(stream).closed_by_server()
+            async with await anyio.connect_tcp(host, port) as stream:
+                assert (await Client(stream).ask("next"))[1] == "next"
+            tg.cancel_scope.cancel()
+    assert "unserved: RuntimeError('route is broken once')" in caplog.text

@@ -848,7 +848,20 @@ async def serve_tcp(
                         logger.error("accept failed: %s; retrying in 0.1 s", exc)
                         await anyio.sleep(0.1)
                         break
-                    await pool.dispatch(sock, {"peer": peer[:2]}, close=True)
+                    with sock:
+                        try:
+                            await pool.dispatch(sock, {"peer": peer[:2]})
+                        except ClosedResourceError:
+                            raise  # every worker exited and restart=False
+                        except Exception as exc:
+                            # One connection's failure (EMFILE for the
+                            # pool's copy, a route that raised) is not the
+                            # server's: close it, go on accepting.
+                            logger.error(
+                                "closing the connection from %s unserved: %r",
+                                peer,
+                                exc,
+                            )
 
 
 # -- the worker ----------------------------------------------------------------
