@@ -808,7 +808,9 @@ async def serve_tcp(
     The master accepts and dispatches each connection with the metadata
     ``{"peer": [host, port]}``; the workers run ``target`` on it. Runs
     until cancelled, then stops the pool (finishing connections for up to
-    ``drain_timeout`` seconds). With ``await task_group.start(serve_tcp,
+    ``drain_timeout`` seconds). A connection whose dispatch raises (out of
+    descriptors for the pool's copy, a ``route`` that raised) is closed and
+    logged, and the loop goes on. With ``await task_group.start(serve_tcp,
     ...)`` the start value is the bound ``(host, port)`` (useful with port
     0).
 
