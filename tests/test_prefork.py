@@ -592,3 +592,34 @@ async def test_serve_tcp_survives_a_dispatch_that_raises(
                 assert (await Client(stream).ask("next"))[1] == "next"
             tg.cancel_scope.cancel()
     assert "unserved: RuntimeError('route is broken once')" in caplog.text
+
+
+async def test_a_restarted_worker_gets_its_keys_back(anyio_backend: object) -> None:
+    # Consistent hashing over slots: a restart moves no key for good.
+    keys = [f"tenant {n}" for n in range(12)]
+
+    async def owners(listener: socket.socket, pool: WorkerPool) -> dict[str, int]:
+        slot_of = {w.pid: w.index for w in pool.statistics().workers}
+        found = {}
+        for key in keys:
+            client = await connect(listener, pool, key=key)
+            async with client.stream:
+                pid, _ = await client.ask(key)
+            found[key] = slot_of[pid]
+        return found
+
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=3) as pool:
+        with anyio.fail_after(30):
+            before = await owners(listener, pool)
+            assert len(set(before.values())) > 1
+            victim = pool.statistics().workers[before[keys[0]]]
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            await until(
+                pool,
+                lambda s: (
+                    s.workers[victim.index].restarts == 1
+                    and s.workers[victim.index].available
+                ),
+            )
+            assert await owners(listener, pool) == before
