@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,6 +198,21 @@ async def test_buffered_byte_receive_stream_wraps_an_fdstream() -> None:
             # The descriptor waited in the stream's queue.
             assert ids(b.take_fds(), files) == [0]
         assert b.closed
+
+
+async def test_a_huge_max_bytes_reads_what_is_there() -> None:
+    # max_bytes is the most to return, not a buffer to allocate: a caller
+    # that means "whatever is there" must not get OverflowError/MemoryError.
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, b:
+            await a.send(b"abc")
+            assert await b.receive(sys.maxsize) == b"abc"
+            await a.send(b"def", files)
+            data, fds = await b.receive_with_fds(sys.maxsize)
+            assert (data, ids(fds, files)) == (b"def", [0])
+            await a.send(b"g;")
+            assert await b.receive_until(b";", sys.maxsize) == (b"g", [])
 
 
 async def test_receive_exactly_across_chunk_boundaries() -> None:

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FdStream", "stream_pair"]
 
-# The most one read asks the kernel for: a peer's length field may be huge,
-# and the buffer grows only with what really arrives.
+# The most one read asks the kernel for: a peer's length field (or a caller's
+# max_bytes) may be huge, and the buffer grows only with what really arrives.
 _READ_CAP = 1024 * 1024
 # receive_until reads at most this much at a time past what it has.
 _UNTIL_READ = 64 * 1024
@@ -292,7 +292,7 @@ class FdStream(Connection, ByteStream):
         with self._receive_guard:
             await self._enter()
             if not self._inbox.pending:
-                await self._read(max_bytes)
+                await self._read(min(max_bytes, _READ_CAP))
             return min(max_bytes, self._inbox.pending)
 
     async def _enter(self) -> None:
