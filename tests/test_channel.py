@@ -29,19 +29,16 @@ from aiofdpass import (
 )
 from aiofdpass._codec import encode_header
 
-from .helpers import identity, open_fds, pipe, raw, small_buffers
+from .helpers import (
+    identity,
+    limit_with_free_slots,
+    open_fds,
+    pipe,
+    raw,
+    small_buffers,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def limit_with_free_slots(free: int) -> int:
-    """The RLIMIT_NOFILE under which exactly ``free`` new fds fit."""
-    used = {int(x) for x in os.listdir("/proc/self/fd")}
-    n = 0
-    while free:
-        free -= n not in used
-        n += 1
-    return n
 
 
 async def test_pipe_file_socket_memfd_all_work_after_passing() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import sys
 from collections.abc import Iterator
@@ -17,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiofdpass
-from aiofdpass import Fd, FdStream, LimitError, stream_pair
+from aiofdpass import DescriptorsLostError, Fd, FdStream, LimitError, stream_pair
 
-from .helpers import examples, identity, pipe, raw
+from .helpers import examples, identity, limit_with_free_slots, pipe, raw
 
 pytestmark = pytest.mark.anyio
 
@@ -360,6 +361,41 @@ async def test_descriptors_sent_with_no_bytes_never_arrive() -> None:
             with pytest.raises(anyio.EndOfStream):
                 await b.receive()
             assert b.queued_fds == 0
+
+
+async def test_lost_descriptors_close_what_the_stream_buffered() -> None:
+    # MSG_CTRUNC breaks the stream, as it breaks a channel: the descriptors
+    # queued before it (with bytes still buffered) are closed at once, not
+    # held open, unreachable by any read, until aclose().
+    a, b = stream_pair()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        async with a, b:
+            await a.send(b"ab", [w])
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 1)  # "ab" buffered, w queued
+            assert b.queued_fds == 1
+            await a.send(b"cd", [w] * 50)
+            os.close(w)
+            w = -1
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_with_free_slots(2), hard))
+            try:
+                with pytest.raises(DescriptorsLostError, match="RLIMIT_NOFILE"):
+                    await b.receive_exactly(4)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert b.queued_fds == 0
+            assert b.take_fds() == []
+            # No copy of the write end is left open: the pipe reads EOF.
+            assert os.read(r, 1) == b""
+            with pytest.raises(anyio.BrokenResourceError, match="MSG_CTRUNC"):
+                await b.receive()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 async def test_aclose_closes_the_queued_descriptors() -> None:

@@ -53,7 +53,8 @@ class FdStream(Connection, ByteStream):
     than it needs, which makes it exact. Protocols that count their
     descriptors in a header should take that many with :meth:`take_fds`.
     :meth:`receive` returns bytes only and leaves the descriptors queued.
-    Nothing is ever dropped; :meth:`aclose` closes what is still queued.
+    Nothing is ever dropped; :meth:`aclose` closes what is still queued, and
+    so does a stream that breaks (lost descriptors, ``MSG_CTRUNC``).
     Descriptors sent with no bytes at all never arrive: Linux drops them.
     """
 
@@ -72,6 +73,9 @@ class FdStream(Connection, ByteStream):
         super().__init__(sock)
         self._receive_guard = anyio.ResourceGuard("receiving from")
         self._inbox = Inbox()
+        # A broken stream closes what it received at once, as a channel does:
+        # no read can return it any more.
+        self._transport.on_recv_break = self._inbox.close
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:
@@ -179,7 +183,8 @@ class FdStream(Connection, ByteStream):
         :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -197,7 +202,8 @@ class FdStream(Connection, ByteStream):
         :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -218,7 +224,8 @@ class FdStream(Connection, ByteStream):
             arrived; the bytes and descriptors that did arrive stay
             available to :meth:`receive`, :meth:`receive_with_fds` and
             :meth:`take_fds`.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -254,7 +261,8 @@ class FdStream(Connection, ByteStream):
         :raises anyio.IncompleteRead: if the peer closed before the
             delimiter; what arrived stays available, as for
             :meth:`receive_exactly`.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
