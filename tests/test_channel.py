@@ -554,6 +554,33 @@ async def test_from_fd_and_from_socket() -> None:
     assert a.fileno() == -1
 
 
+async def test_from_fd_takes_an_fd_only_on_success() -> None:
+    # As FdStream.from_fd: an Fd is taken once the channel owns the socket;
+    # a refusal (wrong socket kind, bad limits) leaves it the caller's.
+    s1, s2 = socket.socketpair()
+    owned = Fd(s1.detach())
+    with pytest.raises(TypeError, match="limits must be a Limits"):
+        FdChannel.from_fd(owned, limits=3)  # type: ignore[arg-type]
+    assert not owned.closed
+    a = FdChannel.from_fd(owned, close_timeout=1)
+    assert owned.closed  # taken: the channel owns the number now
+    async with a, FdChannel.from_socket(s2) as b:
+        assert a.close_timeout == 1
+        await a.send(b"x")
+        assert (await b.receive()).data == b"x"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
+        refused = Fd(os.dup(seq.fileno()))
+        with pytest.raises(ValueError, match="SOCK_STREAM"):
+            FdChannel.from_fd(refused)
+        assert not refused.closed  # still the caller's
+        os.fstat(refused.fileno())
+        refused.close()
+    closed = Fd(os.dup(0))
+    closed.close()
+    with pytest.raises(ValueError, match="closed or taken"):
+        FdChannel.from_fd(closed)
+
+
 async def test_from_socket_refuses_the_wrong_kind() -> None:
     with socket.socket(socket.AF_INET) as tcp:
         with pytest.raises(ValueError, match="AF_UNIX"):
