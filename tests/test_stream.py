@@ -119,6 +119,46 @@ async def test_stream_close_and_busy() -> None:
             await b.receive_with_fds()
 
 
+async def test_a_blocked_read_is_busy_for_others_and_aclose_wakes_it() -> None:
+    # A receive_until has read bytes and a descriptor and waits for its
+    # delimiter: every other receiving call is busy (and takes nothing);
+    # aclose() from two tasks at once wakes it and closes the queue.
+    a, b = stream_pair()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        async with a:
+            await a.send(b"no delimiter yet", [w])
+            os.close(w)
+            w = -1
+            async with anyio.create_task_group() as tg:
+
+                async def reader() -> None:
+                    with pytest.raises(anyio.ClosedResourceError):
+                        await b.receive_until(b";", 100)
+
+                tg.start_soon(reader)
+                await anyio.wait_all_tasks_blocked()
+                assert b.queued_fds == 1
+                for call in (
+                    b.receive(),
+                    b.receive_with_fds(),
+                    b.receive_exactly(1),
+                    b.receive_until(b"y", 100),
+                ):
+                    with pytest.raises(anyio.BusyResourceError):
+                        await call
+                assert b.queued_fds == 1
+                tg.start_soon(b.aclose)
+                tg.start_soon(b.aclose)
+            assert b.queued_fds == 0
+            assert os.read(r, 1) == b""  # no copy of the write end is left
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 @contextmanager
 def memfds(n: int) -> Iterator[list[int]]:
     """``n`` distinct open files (memfds), closed on the way out."""
