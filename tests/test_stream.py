@@ -509,6 +509,12 @@ async def test_send_takes_a_list_of_buffers_and_names_its_parameter() -> None:
                 await a.send(["text"])  # type: ignore[list-item]
             with pytest.raises(TypeError, match=r"send\(data\).*not int"):
                 await a.send(3)  # type: ignore[arg-type]
+            # A str is a sequence, but never bytes-like, even when empty.
+            for text in ("", "text"):
+                with pytest.raises(TypeError, match=r"send\(data\).*not str"):
+                    await a.send(text)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="not C-contiguous"):
+                await a.send(memoryview(b"abcd")[::2])
             with pytest.raises(ValueError, match="at least one byte"):
                 await a.send([b"", b""], files)
             many = [b"%d," % i for i in range(2000)]  # over IOV_MAX (1024)

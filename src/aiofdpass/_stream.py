@@ -149,7 +149,8 @@ class FdStream(Connection, ByteStream):
         try:
             views = [memoryview(data).cast("B")]  # type: ignore[arg-type]
         except TypeError:
-            if not isinstance(data, Sequence):
+            # A str or a strided memoryview is a Sequence too, but not of buffers.
+            if isinstance(data, (str, memoryview)) or not isinstance(data, Sequence):
                 raise _not_bytes(data) from None
             views = [_byte_view(part) for part in data]
         views = [view for view in views if view]
@@ -357,9 +358,12 @@ def _byte_view(part: object) -> memoryview:
 
 
 def _not_bytes(obj: object) -> TypeError:
+    what = type(obj).__name__
+    if isinstance(obj, memoryview):
+        what = "a memoryview that is not C-contiguous"
     return TypeError(
         "send(data): data must be bytes-like (bytes, bytearray, a C-contiguous "
-        f"memoryview...) or a sequence of them, not {type(obj).__name__}"
+        f"memoryview...) or a sequence of them, not {what}"
     )
 
 
