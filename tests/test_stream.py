@@ -200,6 +200,8 @@ async def test_receive_returns_bytes_and_queues_the_fds() -> None:
             # The kernel glues the rest of the first send to the second.
             assert await b.receive() == b"cdef"
             assert b.queued_fds == 3
+            assert b.take_fds(0) == []
+            assert b.queued_fds == 3
             assert ids(b.take_fds(1), files) == [0]
             assert ids(b.take_fds(5), files) == [1, 2]  # at most what is queued
             assert b.take_fds() == []
@@ -493,6 +495,12 @@ async def test_from_fd_takes_an_fd_only_on_success() -> None:
     closed.close()
     with pytest.raises(ValueError, match="closed or taken"):
         FdStream.from_fd(closed)
+    with pipe() as (r, _):
+        not_a_socket = Fd(os.dup(r))
+        with pytest.raises(OSError, match="is not a socket"):
+            FdStream.from_fd(not_a_socket)
+        assert not not_a_socket.closed  # still the caller's
+        not_a_socket.close()
     with pytest.raises(TypeError, match="descriptor number or an Fd"):
         FdStream.from_fd("3")  # type: ignore[arg-type]
 
