@@ -314,6 +314,30 @@ async def test_a_descriptor_glued_to_earlier_bytes_comes_no_later() -> None:
             assert await b.receive_exactly(6) == (b"withfd", [])
 
 
+async def test_bytes_read_ahead_bring_their_descriptors_early() -> None:
+    # receive_exactly is exact only for what it reads itself. Bytes an
+    # earlier call read ahead (a receive_until that found no delimiter, a
+    # cancelled or incomplete read for more) come from the buffer, with the
+    # descriptors of the reads that brought them: here the kernel glued
+    # b"xy" to b"z" and its descriptor, so "xy" returns it, one call early.
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            await a.send(b"xy")
+            await a.send(b"z", files[:1])
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 2)  # reads b"xyz" and the fd
+            data, fds = await b.receive_exactly(2)
+            assert (data, ids(fds, files)) == (b"xy", [0])
+            assert await b.receive_exactly(1) == (b"z", [])
+            # Nothing read ahead: exact.
+            await a.send(b"xy")
+            await a.send(b"z", files[1:])
+            assert await b.receive_exactly(2) == (b"xy", [])
+            data, fds = await b.receive_exactly(1)
+            assert (data, ids(fds, files)) == (b"z", [1])
+
+
 async def test_receive_until() -> None:
     a, b = stream_pair()
     with memfds(3) as files:

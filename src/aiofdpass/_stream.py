@@ -50,7 +50,9 @@ class FdStream(Connection, ByteStream):
     descriptor comes with the first call that returns any byte of its
     ``sendmsg``, never later, and earlier only if the kernel glued earlier
     bytes to its read. :meth:`receive_exactly` asks the kernel for no more
-    than it needs, which makes it exact. Protocols that count their
+    than it needs, which makes it exact, unless it returns bytes that an
+    earlier call read ahead (a :meth:`receive_until`, or a cancelled or
+    incomplete read for more bytes). Protocols that count their
     descriptors in a header should take that many with :meth:`take_fds`.
     :meth:`receive` returns bytes only and leaves the descriptors queued.
     Nothing is ever dropped; :meth:`aclose` closes what is still queued, and
@@ -217,7 +219,9 @@ class FdStream(Connection, ByteStream):
         The descriptors are every queued one that arrived no later than the
         last of these bytes. Each read asks the kernel for no more than is
         still missing, so a descriptor comes with the call that returns the
-        first byte of its ``sendmsg``. Cancellation loses nothing: what was
+        first byte of its ``sendmsg`` (earlier only with bytes that an
+        earlier call read ahead and the kernel glued to its read; see the
+        class's rule). Cancellation loses nothing: what was
         read stays buffered for the next call.
 
         :raises ValueError: if ``nbytes`` is negative.
