@@ -480,6 +480,27 @@ async def test_aclose_closes_the_queued_descriptors() -> None:
         os.close(r)
 
 
+async def test_a_dropped_stream_closes_its_queue_and_warns() -> None:
+    # Dropped without aclose(): its finaliser closes the socket and the
+    # descriptors queued in the stream, and says so.
+    a, b = stream_pair()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        async with a:
+            await a.send(b"abc", [w], close_fds=True)
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 2)  # bytes buffered, w queued
+            assert b.queued_fds == 1
+            with pytest.warns(ResourceWarning, match="unclosed FdStream"):
+                del b  # the last reference
+            with pytest.raises(anyio.EndOfStream):
+                await a.receive()
+        assert os.read(r, 1) == b""  # no copy of the write end is left
+    finally:
+        os.close(r)
+
+
 async def test_a_cancelled_exact_read_loses_nothing() -> None:
     a, b = stream_pair()
     with memfds(1) as files:
