@@ -30,6 +30,7 @@ from aiofdpass import (
 from aiofdpass._codec import encode_header
 
 from .helpers import (
+    check_from_fd_refusals,
     identity,
     limit_with_free_slots,
     open_fds,
@@ -568,17 +569,7 @@ async def test_from_fd_takes_an_fd_only_on_success() -> None:
         assert a.close_timeout == 1
         await a.send(b"x")
         assert (await b.receive()).data == b"x"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
-        refused = Fd(os.dup(seq.fileno()))
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
-            FdChannel.from_fd(refused)
-        assert not refused.closed  # still the caller's
-        os.fstat(refused.fileno())
-        refused.close()
-    closed = Fd(os.dup(0))
-    closed.close()
-    with pytest.raises(ValueError, match="closed or taken"):
-        FdChannel.from_fd(closed)
+    check_from_fd_refusals(FdChannel.from_fd)
 
 
 async def test_from_socket_refuses_the_wrong_kind() -> None:
