@@ -78,7 +78,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :param limits: the record limits, in both directions.
         :param close_timeout: how long :meth:`aclose` waits for queued
             records (:attr:`close_timeout`).
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included).
         """
         return cls(sock, limits=limits, close_timeout=close_timeout)
 
@@ -102,8 +103,8 @@ class FdChannel(Connection, ObjectStream[Message]):
             ``limits`` is not a :class:`Limits`.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket,
-            or the ``Fd`` is closed.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included), or the ``Fd`` is closed.
         """
         return adopt_fd(
             fd, lambda sock: cls(sock, limits=limits, close_timeout=close_timeout)
@@ -164,8 +165,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         call when it never has to wait.
 
         :raises TypeError: if ``data`` is not bytes-like, ``fds`` is not a
-            list (``send(data, [fd])``, not ``send(data, fd)``) or an item of
-            it is not a descriptor.
+            list (``send(data, [fd])``, not ``send(data, fd)``; bytes or a
+            ``str`` are refused too) or an item of it is not a descriptor.
         :raises ValueError: for a number that is not a descriptor's
             (negative, or over ``2**31 - 1``), or for ``fds`` given together
             with a ``Message``; nothing sent, nothing duplicated.

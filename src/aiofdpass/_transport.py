@@ -118,7 +118,7 @@ def _set_cloexec(fds: list[int]) -> None:  # pragma: no cover - not on Linux
 
 
 def check_unix_stream(sock: socket.socket) -> None:
-    """Raise ``ValueError`` unless ``sock`` is a usable AF_UNIX stream socket."""
+    """Raise ``ValueError`` unless ``sock`` is a connected AF_UNIX stream socket."""
     if not isinstance(sock, socket.socket):
         raise TypeError(
             f"expected a socket.socket, not {type(sock).__name__}; for a "
@@ -136,6 +136,20 @@ def check_unix_stream(sock: socket.socket) -> None:
             "framing is done by the library, and SOCK_SEQPACKET/SOCK_DGRAM "
             "truncate records that do not fit the read buffer"
         )
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(
+                "this socket is listening, not connected: adopt the "
+                "connections its accept() returns (or use aiofdpass.listen())"
+            ) from None
+        raise ValueError(
+            "this socket is not connected: connect it first (or use "
+            "aiofdpass.connect() or channel_pair())"
+        ) from None
 
 
 # The state of one direction of a transport. Sending can also be shut down
