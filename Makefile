@@ -4,14 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test lint typecheck unit bench bench-prefork clean
 .PHONY: docs docs-code package
 .PHONY: fuzz soak
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docs,package]'
+	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'  # --group (PEP 735)
+	$(PY) -m pip install --quiet -e . --group test --group docs --group package \
+		--group bench
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +30,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m coverage erase
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
+	$(PY) -m coverage combine --quiet  # the processes the tests started
 	$(PY) -m coverage report
 
 # The docs build is part of the test: a broken reference fails it.
@@ -56,8 +58,20 @@ package: $(STAMP)
 # A quick run does not overwrite the published results.
 BENCH_ARGS ?= $(if $(QUICK),,--json bench/results.json --plot bench/results.png)
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --group bench
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# The prefork pool against one process and SO_REUSEPORT, measured with wrk
+# (issue 14): wrk is installed with apt-get when missing. QUICK=1 is a smoke
+# run that writes no files; the full run takes about 8 minutes.
+PREFORK_ARGS ?= $(if $(QUICK),--quick,--json bench/prefork_results.json --plot docs/prefork_benchmarks.png)
+bench-prefork: $(STAMP)
+	$(PY) -m pip install --quiet --group bench
+	@command -v wrk >/dev/null || { \
+		echo "bench-prefork: wrk is missing: installing it with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq wrk; }
+	$(PY) bench/prefork_wrk.py $(PREFORK_ARGS)
+
 # Long runs for when the codec or the I/O layer changes (not part of `test`).
 FUZZ ?= 100
 fuzz: $(STAMP)

@@ -25,9 +25,15 @@ EXPECTED = {
         "ok   ping through the returned socket, got b'ping-pong'",
     ],
     "prefork_server": [
-        "200/200 connections",
-        "died with status -9",
-        "4/4 in-flight connections answered",
+        "200/200 connections answered",
+        "exited with status -9",
+        "4/4 in-flight connections answered, none by the killed worker: True",
+        "4 re-dispatched",
+    ],
+    "prefork_http": [
+        "single: 8 requests answered by 1 process(es), exit status 0",
+        "pool: 8 requests answered by 2 process(es), exit status 0",
+        "reuseport: 8 requests answered by",
     ],
     "device_broker": [
         "ttyS0: GRANTED",
@@ -36,7 +42,12 @@ EXPECTED = {
         "ttyS0 is free again",
     ],
     "shm_ring": ["shared memory ring: 8 MiB", "channel records: 8 MiB"],
-    "hot_restart": ["[gen 3 pid", "handed the listening socket over", "0 refused"],
+    "hot_restart": [
+        "[gen 3 pid",
+        "successor pid",
+        "handed the listening socket over",
+        "0 refused",
+    ],
     # The cookbook's recipes (docs/foreign-protocols.md), each with a C peer.
     "foreign_apue": [
         "read through the descriptor: b'first line\\n'",
