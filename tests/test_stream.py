@@ -212,6 +212,35 @@ async def test_receive_returns_bytes_and_queues_the_fds() -> None:
                 b.take_fds(True)
 
 
+async def test_a_full_descriptor_queue_refuses_to_read_and_loses_nothing() -> None:
+    a, b = stream_pair()
+    with memfds(4) as files:
+        async with a, b:
+            assert b.max_queued_fds == 256
+            b.max_queued_fds = 2
+            for i in range(4):
+                await a.send(bytes([65 + i]), files[i : i + 1])
+            assert await b.receive(1) == b"A"
+            assert await b.receive(1) == b"B"
+            assert b.queued_fds == 2
+            for read in (
+                b.receive(),
+                b.receive_with_fds(),
+                b.receive_exactly(1),
+                b.receive_until(b"D", 10),
+            ):
+                with pytest.raises(LimitError, match="take_fds"):
+                    await read
+            assert b.queued_fds == 2  # nothing was read, nothing dropped
+            assert ids(b.take_fds(), files) == [0, 1]
+            data, fds = await b.receive_exactly(2)
+            assert (data, ids(fds, files)) == (b"CD", [2, 3])
+            with pytest.raises(ValueError, match="at least 1"):
+                b.max_queued_fds = 0
+            with pytest.raises(TypeError, match="int"):
+                b.max_queued_fds = 2.0  # type: ignore[assignment]
+
+
 async def test_buffered_bytes_come_first_without_a_read() -> None:
     a, b = stream_pair()
     with memfds(2) as files:

@@ -30,6 +30,8 @@ _READ_CAP = 1024 * 1024
 _UNTIL_READ = 64 * 1024
 # sendmsg takes at most IOV_MAX (1024) buffers; more are joined first.
 _MAX_BUFFERS = 64
+# How many received descriptors may wait untaken before a read is refused.
+DEFAULT_MAX_QUEUED_FDS = 256
 
 
 class FdStream(Connection, ByteStream):
@@ -59,7 +61,15 @@ class FdStream(Connection, ByteStream):
     Nothing is ever dropped; :meth:`aclose` closes what is still queued, and
     so does a stream that breaks (lost descriptors, ``MSG_CTRUNC``).
     Descriptors sent with no bytes at all never arrive: Linux drops them.
+
+    The queue is bounded: once :attr:`max_queued_fds` descriptors wait
+    untaken, the next call that would read refuses with :class:`LimitError`
+    before it reads (nothing is lost; take them and call again), so a peer
+    cannot fill the process's descriptor table through a reader that only
+    wants bytes.
     """
+
+    _max_queued_fds = DEFAULT_MAX_QUEUED_FDS
 
     def __init__(self, sock: socket.socket) -> None:
         """Adopt ``sock``; prefer :meth:`from_socket`, which documents this."""
@@ -108,6 +118,25 @@ class FdStream(Connection, ByteStream):
     def queued_fds(self) -> int:
         """How many received descriptors wait in the queue (see :meth:`take_fds`)."""
         return self._inbox.queued_fds
+
+    @property
+    def max_queued_fds(self) -> int:
+        """The most untaken descriptors a read may start with (default 256).
+
+        A read is refused with :class:`LimitError` while :attr:`queued_fds`
+        is at least this; one read brings at most 253 more (the kernel's
+        ``SCM_MAX_FD``), so the queue never holds more than this plus 253.
+        Set it on a stream that expects more descriptors per message.
+
+        :raises ValueError: when set to less than 1.
+        :raises TypeError: when set to something that is not an ``int``.
+        """
+        return self._max_queued_fds
+
+    @max_queued_fds.setter
+    def max_queued_fds(self, value: int) -> None:
+        _check_size("max_queued_fds", value, 1)
+        self._max_queued_fds = value
 
     def take_fds(self, n: int | None = None) -> list[Fd]:
         """Take the oldest ``n`` queued descriptors, or all of them for ``None``.
@@ -193,6 +222,8 @@ class FdStream(Connection, ByteStream):
             and every byte was returned.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
             and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -212,6 +243,8 @@ class FdStream(Connection, ByteStream):
             and every byte was returned.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
             and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -236,6 +269,8 @@ class FdStream(Connection, ByteStream):
             :meth:`take_fds`.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
             and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -273,6 +308,8 @@ class FdStream(Connection, ByteStream):
             :meth:`receive_exactly`.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
             and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -326,6 +363,13 @@ class FdStream(Connection, ByteStream):
         inbox = self._inbox
         if inbox.eof:
             raise EndOfStream
+        if inbox.queued_fds >= self._max_queued_fds:
+            raise LimitError(
+                f"{inbox.queued_fds} received descriptors wait untaken (the "
+                f"stream's max_queued_fds is {self._max_queued_fds}); nothing was "
+                "read: take them with take_fds() or with a call that returns "
+                "descriptors, or raise max_queued_fds, then call again"
+            )
         view = inbox.get_buffer(size)
         try:
             nbytes, numbers = await self._transport.recv_into(view)
