@@ -26,6 +26,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from aiofdpass import LimitError, open_child_process
 from aiofdpass.prefork import (
     PoolStatistics,
+    Route,
     WorkerPool,
     WorkerStartError,
     WorkerStatistics,
@@ -118,7 +119,9 @@ async def test_dispatch_ack_and_serve(anyio_backend: object) -> None:
                 seen.add(pid)
             # Least loaded: four open connections are spread over both.
             assert seen == set(workers)
-            await until(pool, lambda s: s.in_flight == 4)
+            # Answered, but the "taken" reports may still be on their way:
+            # in_flight == 4 alone would not wait for them.
+            await until(pool, lambda s: [w.active for w in s.workers] == [2, 2])
             stats = pool.statistics()
             # Every worker acknowledged: the master holds no copies any more.
             assert [w.pending for w in stats.workers] == [0, 0]
@@ -451,26 +454,30 @@ async def test_meta_over_the_channel_limit_is_refused(anyio_backend: object) -> 
         assert [w.restarts for w in stats.workers] == [0, 0]
 
 
+def route_that_raises(fails: Callable[[int], bool]) -> Route:
+    """Route to the first worker given, but raise on the calls ``fails`` picks."""
+    calls = 0
+
+    def route(workers: Sequence[WorkerStatistics], key: object, meta: object) -> int:
+        nonlocal calls
+        calls += 1
+        if fails(calls):
+            raise RuntimeError(f"route is broken on call {calls}")
+        return workers[0].index
+
+    return route
+
+
 async def test_a_route_that_raises_on_re_dispatch(
     anyio_backend: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A route that raises when a dead worker's connections are sent again
     # used to end that slot's supervisor: the pool failed and the
     # connection's copy leaked.
-    calls = 0
-
-    def first_to_0(
-        workers: Sequence[WorkerStatistics], key: object, meta: object
-    ) -> int:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("route is broken")
-        return 0
-
+    route = route_that_raises(lambda call: call > 1)
     async with (
         tcp_listener() as listener,
-        WorkerPool(TARGET, workers=2, route=first_to_0) as pool,
+        WorkerPool(TARGET, workers=2, route=route) as pool,
     ):
         with anyio.fail_after(30):
             victim, other = pids(pool)
@@ -480,7 +487,7 @@ async def test_a_route_that_raises_on_re_dispatch(
             async with client.stream:
                 assert await client.ask("re-dispatched") == (other, "re-dispatched")
             assert pool.statistics().redispatched == 1
-    assert "route raised RuntimeError('route is broken')" in caplog.text
+    assert "route raised RuntimeError('route is broken on call 2')" in caplog.text
 
 
 async def test_leaving_after_a_cancelled_stop_still_stops_the_workers(
@@ -563,17 +570,6 @@ async def test_serve_tcp_survives_a_dispatch_that_raises(
 ) -> None:
     # A dispatch that raised (here the route; in life EMFILE for the pool's
     # copy) used to end serve_tcp, and leave the accepted socket open.
-    calls = 0
-
-    def fails_once(
-        workers: Sequence[WorkerStatistics], key: object, meta: object
-    ) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("route is broken once")
-        return workers[0].index
-
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             host, port = await tg.start(
@@ -582,7 +578,7 @@ async def test_serve_tcp_survives_a_dispatch_that_raises(
                     0,
                     TARGET,
                     workers=1,
-                    route=fails_once,
+                    route=route_that_raises(lambda call: call == 1),
                     task_status=task_status,
                 )
             )
@@ -591,7 +587,7 @@ async def test_serve_tcp_survives_a_dispatch_that_raises(
             async with await anyio.connect_tcp(host, port) as stream:
                 assert (await Client(stream).ask("next"))[1] == "next"
             tg.cancel_scope.cancel()
-    assert "unserved: RuntimeError('route is broken once')" in caplog.text
+    assert "unserved: RuntimeError('route is broken on call 1')" in caplog.text
 
 
 async def test_a_restarted_worker_gets_its_keys_back(anyio_backend: object) -> None:
