@@ -438,16 +438,20 @@ async def test_a_connection_reset_before_the_worker_wraps_it(
         assert (worker.errors, worker.restarts) == (1, 0)
 
 
-async def test_meta_over_the_channel_limit_is_refused(anyio_backend: object) -> None:
-    # It used to be taken for a dead worker's channel: every worker "failed",
-    # dispatch returned, and the connection waited in the pool until stop().
+async def test_large_meta_is_refused(anyio_backend: object) -> None:
+    # Over the channel's max_payload, it used to be taken for a dead
+    # worker's channel: dispatch returned and the connection waited in the
+    # pool until stop(). Over 64 KiB, a dispatch cancelled while the worker
+    # was busy left the record half written, and the worker, taking the
+    # broken channel for a dead master, dropped every connection it served.
     async with tcp_listener() as listener, WorkerPool(TARGET, workers=2) as pool:
         stream = await anyio.connect_tcp(*listener.getsockname()[:2])
         sock, _ = listener.accept()
         async with stream:
             with sock:
-                with pytest.raises(LimitError, match="max_payload"):
-                    await pool.dispatch(sock, {"big": "x" * 2**24}, close=True)
+                for size in (2**16, 2**24):
+                    with pytest.raises(LimitError, match="over the pool's limit"):
+                        await pool.dispatch(sock, {"big": "x" * size}, close=True)
                 assert copies_of(sock.fileno()) == 1  # still the caller's
         stats = pool.statistics()
         assert (stats.dispatched, stats.waiting, stats.closed) == (0, 0, 0)

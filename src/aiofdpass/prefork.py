@@ -42,9 +42,10 @@ from anyio import TASK_STATUS_IGNORED, BrokenResourceError, ClosedResourceError
 from anyio.abc import Process, SocketStream, TaskGroup, TaskStatus
 
 from ._channel import FdChannel
-from ._errors import FdPassError
+from ._errors import FdPassError, LimitError
 from ._fd import Fd
 from ._process import channel_from_env, open_child_process
+from ._writer import DIRECT_BYTES
 
 __all__ = [
     "PoolStatistics",
@@ -637,8 +638,7 @@ class WorkerPool:
             ``sock`` is not a stream socket.
         :raises ValueError: if ``route`` returned an index that is not one
             of the workers it was given (and whatever ``route`` raises).
-        :raises aiofdpass.LimitError: if the record (``meta`` as JSON) is
-            over the channel's ``max_payload`` (16 MiB).
+        :raises aiofdpass.LimitError: if ``meta`` as JSON is over 64 KiB.
         :raises anyio.ClosedResourceError: if the pool is not running
             (not entered yet, or stopping), or every worker has exited and
             ``restart=False``; the caller keeps ``sock``.
@@ -662,6 +662,15 @@ class WorkerPool:
             record = json.dumps({"id": self._next_id, "meta": meta}).encode()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"meta must be JSON-able: {exc}") from None
+        if len(record) > DIRECT_BYTES:
+            # A record this large is written from the caller's buffer, and a
+            # cancelled dispatch could leave it half written: the worker
+            # would take the broken channel for a dead master and drop
+            # every connection it serves. Small records are all or nothing.
+            raise LimitError(
+                f"meta is {len(record)} bytes as JSON, over the pool's limit of "
+                f"{DIRECT_BYTES}: pass a reference to it; the socket is still yours"
+            )
         number = sock if isinstance(sock, int) else sock.fileno()
         # A descriptor the worker cannot make a socket of would crash every
         # worker it is re-dispatched to, in turn.
