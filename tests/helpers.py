@@ -48,6 +48,16 @@ def open_fds() -> set[int]:
     return fds
 
 
+def limit_with_free_slots(free: int) -> int:
+    """The RLIMIT_NOFILE under which exactly ``free`` new fds fit."""
+    used = {int(x) for x in os.listdir("/proc/self/fd")}
+    n = 0
+    while free:
+        free -= n not in used
+        n += 1
+    return n
+
+
 def small_buffers(*socks: socket.socket) -> None:
     """Shrink kernel buffers so large writes are split (partial writes)."""
     for s in socks:

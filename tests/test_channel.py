@@ -29,19 +29,16 @@ from aiofdpass import (
 )
 from aiofdpass._codec import encode_header
 
-from .helpers import identity, open_fds, pipe, raw, small_buffers
+from .helpers import (
+    identity,
+    limit_with_free_slots,
+    open_fds,
+    pipe,
+    raw,
+    small_buffers,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def limit_with_free_slots(free: int) -> int:
-    """The RLIMIT_NOFILE under which exactly ``free`` new fds fit."""
-    used = {int(x) for x in os.listdir("/proc/self/fd")}
-    n = 0
-    while free:
-        free -= n not in used
-        n += 1
-    return n
 
 
 async def test_pipe_file_socket_memfd_all_work_after_passing() -> None:
@@ -561,11 +558,11 @@ async def test_from_socket_refuses_the_wrong_kind() -> None:
     with socket.socket(socket.AF_INET) as tcp:
         with pytest.raises(ValueError, match="AF_UNIX"):
             FdChannel.from_socket(tcp)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
-            FdChannel.from_socket(seq)
-        fd = seq.fileno()
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        with pytest.raises(ValueError, match="SOCK_DGRAM.*FdDatagramSocket"):
+            FdChannel.from_socket(dgram)
+        fd = dgram.fileno()
+        with pytest.raises(ValueError, match="SOCK_STREAM or SOCK_SEQPACKET"):
             FdChannel.from_fd(fd)
         os.fstat(fd)  # from_fd failed: the caller still owns it
     with pytest.raises(TypeError):

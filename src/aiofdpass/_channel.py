@@ -20,9 +20,13 @@ from ._writer import DEFAULT_CLOSE_TIMEOUT, DIRECT_BYTES, DIRECT_FDS
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
 
-__all__ = ["FdChannel", "channel_pair"]
+    from ._backend import Driver
+
+__all__ = ["FdChannel", "channel_pair", "socket_type"]
 
 _DEFAULT_LIMITS = Limits()
+# The kernel refuses a packet over SO_SNDBUF less this (EMSGSIZE).
+_SKB_OVERHEAD = 32
 # receive() yields at least every 32nd call when records are buffered.
 _YIELD_EVERY_MASK = 31
 
@@ -40,7 +44,14 @@ class FdChannel(Connection, ObjectStream[Message]):
     One task at a time may receive. A channel belongs to the event loop that
     uses it; once that loop has ended, another one (also of another kind)
     may use it.
+
+    Over a ``SOCK_SEQPACKET`` socket (``kind="seqpacket"``) a record is
+    exactly one packet, with no aiofdpass header: any SEQPACKET peer
+    interoperates, and the kernel's packet boundaries are the framing.
     """
+
+    _SOCKET_TYPES = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+    _WRONG_TYPE_ADVICE = "for SOCK_DGRAM use FdDatagramSocket"
 
     def __init__(
         self,
@@ -60,6 +71,13 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._receive_calls = 0
         # A broken channel closes the descriptors it received at once.
         self._transport.on_recv_break = self._decoder.close
+        self._packets = self._transport.packets
+        if self._packets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            # The kernel refuses (EMSGSIZE) a packet over SO_SNDBUF - 32.
+            self._max_packet = (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - _SKB_OVERHEAD
+            )
 
     @classmethod
     def from_socket(
@@ -69,7 +87,14 @@ class FdChannel(Connection, ObjectStream[Message]):
         limits: Limits | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Self:
-        """Adopt a connected AF_UNIX stream socket (e.g. one a child inherited).
+        """Adopt a connected AF_UNIX socket (e.g. one a child inherited).
+
+        ``SOCK_STREAM`` carries records with the aiofdpass header;
+        ``SOCK_SEQPACKET`` carries one record per packet, with none (see
+        ``docs/protocol.md``). On a SEQPACKET socket the channel turns on
+        ``SO_PASSCRED``, so that an empty packet can be told from end of
+        stream (the kernel then also binds the socket to an abstract name
+        of its choosing when it first sends, if it had none).
 
         The channel owns the socket from now on and closes it in
         :meth:`aclose`. The socket is switched to non-blocking mode.
@@ -77,7 +102,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :param limits: the record limits, in both directions.
         :param close_timeout: how long :meth:`aclose` waits for queued
             records (:attr:`close_timeout`).
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` or
+            ``SOCK_SEQPACKET`` socket.
         """
         return cls(sock, limits=limits, close_timeout=close_timeout)
 
@@ -89,7 +115,7 @@ class FdChannel(Connection, ObjectStream[Message]):
         limits: Limits | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Self:
-        """Adopt a connected AF_UNIX stream socket given by descriptor number.
+        """Adopt a connected AF_UNIX socket given by descriptor number.
 
         Typical in a child process that got its end of :func:`channel_pair`
         through ``pass_fds``. The channel owns the descriptor from now on.
@@ -98,8 +124,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises TypeError: if ``fd`` is not an ``int``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
-            the caller still owns ``fd``.
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` or
+            ``SOCK_SEQPACKET`` socket; the caller still owns ``fd``.
         """
         return adopt_fd(
             fd, lambda sock: cls(sock, limits=limits, close_timeout=close_timeout)
@@ -211,7 +237,17 @@ class FdChannel(Connection, ObjectStream[Message]):
                 f"max_fds of {limits.max_fds} (Linux carries at most 253 "
                 "per sendmsg); split them across records. Nothing was sent"
             )
-        header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+        if self._packets:
+            if nbytes > self._max_packet:
+                raise LimitError(
+                    f"the payload is {nbytes} bytes, over the {self._max_packet} "
+                    "that one packet can hold on this socket (SO_SNDBUF less "
+                    "32): split it across records, or raise SO_SNDBUF before "
+                    "making the channel. Nothing was sent"
+                )
+            header = b""  # one packet, one record: no header
+        else:
+            header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
         writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
             await writer.send_direct(header, payload, numbers)
@@ -232,6 +268,13 @@ class FdChannel(Connection, ObjectStream[Message]):
         data, and at least every 32nd call when records are already
         buffered. Records this channel queued for sending are written
         before it waits.
+
+        On a ``SOCK_SEQPACKET`` channel a record is one packet: an empty
+        packet is ``Message(b"")``, a packet over the limits raises
+        :class:`ProtocolError` with its descriptors closed, and so does
+        ``MSG_CTRUNC`` with :class:`DescriptorsLostError`; the kernel kept
+        the boundaries, so the next packet is intact and the channel stays
+        usable.
 
         :raises anyio.EndOfStream: when the peer closed between records (an
             ``async for`` loop ends there).
@@ -257,6 +300,8 @@ class FdChannel(Connection, ObjectStream[Message]):
             self._receive_calls += 1
             if not self._receive_calls & _YIELD_EVERY_MASK:
                 await driver.checkpoint()
+            if self._packets:
+                return await self._receive_packet(driver)
             decoder = self._decoder
             while True:
                 if transport.recv_state is not OPEN:
@@ -296,14 +341,50 @@ class FdChannel(Connection, ObjectStream[Message]):
         finally:
             self._receiving = False
 
+    async def _receive_packet(self, driver: Driver) -> Message:
+        transport = self._transport
+        if transport.recv_state is not OPEN:
+            transport.check_recv()
+        if self._eof:
+            raise EndOfStream
+        if self._writer.outbox.nbytes:
+            self._writer.idle()  # what we queued goes out before we read
+        limits = self._limits
+        packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
+        while packet is None:
+            await driver.wait_readable()
+            packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
+        if not packet.control and not packet.data:
+            self._eof = True  # no credentials: not a packet, the end
+            raise EndOfStream
+        return Message._unchecked(packet.data, packet.fds or None)
+
     def _buffers_closer(self) -> Callable[[], None]:
         return self._decoder.close
 
 
+def socket_type(kind: str) -> int:
+    """Return the socket type for ``kind=`` (``"stream"`` or ``"seqpacket"``)."""
+    if kind == "stream":
+        return socket.SOCK_STREAM
+    if kind == "seqpacket":
+        return socket.SOCK_SEQPACKET
+    raise ValueError(
+        f"kind must be 'stream' or 'seqpacket', not {kind!r}; for datagrams "
+        "use create_datagram_socket()"
+    )
+
+
 def channel_pair(
-    *, limits: Limits | None = None, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    *,
+    kind: str = "stream",
+    limits: Limits | None = None,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> tuple[FdChannel, FdChannel]:
     """Return two connected channels (a ``socketpair``).
+
+    ``kind="seqpacket"`` makes a ``SOCK_SEQPACKET`` pair: one packet per
+    record, no header (see :meth:`FdChannel.from_socket`).
 
     Use it within one program, or before starting a child process: hand the
     child one end's descriptor (``channel.fileno()`` in ``pass_fds``) and
@@ -311,9 +392,10 @@ def channel_pair(
     the parent. The keyword arguments are those of
     :meth:`FdChannel.from_socket`.
 
+    :raises ValueError: for a ``kind`` other than these two.
     :raises OSError: ``EMFILE`` if the process is out of descriptors.
     """
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = socket.socketpair(socket.AF_UNIX, socket_type(kind))
     return (
         FdChannel(a, limits=limits, close_timeout=close_timeout),
         FdChannel(b, limits=limits, close_timeout=close_timeout),

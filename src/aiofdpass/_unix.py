@@ -18,7 +18,7 @@ from anyio import ClosedResourceError
 from anyio.abc import Listener, SocketAttribute, TaskGroup
 from anyio.lowlevel import checkpoint
 
-from ._channel import FdChannel
+from ._channel import FdChannel, socket_type
 from ._credentials import AllowPolicy, PeerCredentials, check_peer, make_policy
 from ._message import Limits
 from ._stream import FdStream
@@ -72,9 +72,11 @@ def _describe(path: str | bytes) -> str:
     return repr(path)
 
 
-async def _connect_socket(path: SocketPath) -> socket.socket:
+async def _connect_socket(
+    path: SocketPath, sock_type: int = socket.SOCK_STREAM
+) -> socket.socket:
     p = _normalize(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, sock_type)
     try:
         sock.setblocking(False)
         await checkpoint()
@@ -101,6 +103,7 @@ async def _connect_socket(path: SocketPath) -> socket.socket:
 async def connect(
     path: SocketPath,
     *,
+    kind: str = "stream",
     limits: Limits | None = None,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> FdChannel:
@@ -108,13 +111,16 @@ async def connect(
 
     :param path: the socket path (``str``, ``bytes``, ``os.PathLike``); a
         leading NUL byte means Linux's abstract namespace.
+    :param kind: ``"stream"`` (the default) or ``"seqpacket"``: the
+        listener's socket type (a record per packet, no header).
     :param limits: record limits for the channel.
     :param close_timeout: how long the channel's ``aclose()`` waits for
         queued records (:attr:`FdChannel.close_timeout`).
     :raises FileNotFoundError: if nothing exists at ``path``.
     :raises ConnectionRefusedError: if nobody listens there.
+    :raises OSError: ``EPROTOTYPE`` if the listener is of another ``kind``.
     """
-    sock = await _connect_socket(path)
+    sock = await _connect_socket(path, socket_type(kind))
     try:
         return FdChannel(sock, limits=limits, close_timeout=close_timeout)
     except BaseException:
@@ -191,6 +197,7 @@ def _bind_file(sock: socket.socket, path: str, mode: int) -> os.stat_result:
 async def listen(
     path: SocketPath,
     *,
+    kind: str = "stream",
     mode: int = 0o600,
     backlog: int = socket.SOMAXCONN,
     limits: Limits | None = None,
@@ -211,6 +218,8 @@ async def listen(
 
     :param path: where to listen; a leading NUL byte means the abstract
         namespace (no file, ``mode`` does not apply).
+    :param kind: ``"stream"`` (the default) or ``"seqpacket"``: accepted
+        channels then carry one record per packet, with no header.
     :param mode: permissions of the socket file (default ``0o600``: only
         this user may connect).
     :param backlog: the ``listen`` backlog (the kernel caps it at
@@ -235,8 +244,9 @@ async def listen(
     """
     p = _normalize(path)
     policy = make_policy(allow)
+    type_ = socket_type(kind)
     await checkpoint()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, type_)
     try:
         if isinstance(p, str) and not p.startswith("\0"):
             identity = _bind_file(sock, p, mode)

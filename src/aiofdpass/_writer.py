@@ -45,7 +45,7 @@ import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
 from ._errors import LimitError
-from ._outbox import Outbox
+from ._outbox import Outbox, PacketOutbox
 from ._transport import OPEN, SHUT, Transport
 
 if TYPE_CHECKING:
@@ -151,6 +151,7 @@ class Writer:
     __slots__ = (
         "_calls",
         "_closing",
+        "_coalesce",
         "_fd_high_water",
         "_fd_low_water",
         "_flush_pending",
@@ -165,7 +166,11 @@ class Writer:
 
     def __init__(self, transport: Transport, close_timeout: float) -> None:
         self.transport = transport
-        self.outbox = Outbox()
+        # A packet socket never coalesces: one sendmsg is one packet.
+        self._coalesce = not transport.packets
+        self.outbox: Outbox | PacketOutbox = (
+            PacketOutbox() if transport.packets else Outbox()
+        )
         self.lock = SendLock()
         self.close_timeout = close_timeout
         #: A record was written at once since the connection last received
@@ -249,7 +254,7 @@ class Writer:
             if self._flush_pending is not _DUE and not self.background:
                 self._schedule_flush(driver)
             return True
-        self.burst = True
+        self.burst = self._coalesce
         try:
             sent = transport.try_send(header + payload, numbers)
         except LimitError:
