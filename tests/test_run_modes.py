@@ -39,7 +39,7 @@ import trio
 import uvloop
 from anyio.lowlevel import checkpoint
 
-from aiofdpass import FdChannel, ProtocolError, channel_pair
+from aiofdpass import FdChannel, ProtocolError, channel_pair, create_datagram_socket
 
 from .helpers import copies_of, pipe, raw, small_buffers
 
@@ -720,3 +720,51 @@ def test_close_timeout_defaults_to_at_most_ten_seconds_and_can_be_set() -> None:
                 assert planned(pair[1]).close_timeout == value, how
     finally:
         run_asyncio(lambda: close_quietly(*chans))
+
+
+# -- packet sockets: SEQPACKET channels and datagram sockets ------------------
+
+
+async def deliver_packets() -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+    """200 SEQPACKET records and 100 datagrams, each with a descriptor.
+
+    Both overflow the kernel's queue (about ten packets): the channel's
+    background writer and the datagram socket's wait for room must run
+    under every loop.
+    """
+    records: list[tuple[bytes, int]] = []
+    datagrams: list[tuple[bytes, int]] = []
+    a, b = channel_pair(kind="seqpacket")
+    name = f"\0aiofdpass-run-modes-{id(records)}"
+    receiver = await create_datagram_socket(name)
+    sender = await create_datagram_socket()
+    with pipe() as (r, _):
+        try:
+            for i in range(200):
+                await a.send(b"p%d" % i, [r])
+
+            async def send_datagrams() -> None:
+                for i in range(100):
+                    await sender.send(b"d%d" % i, [r], to=name)
+
+            with anyio.move_on_after(DEADLINE):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send_datagrams)
+                    for _ in range(200):
+                        with await b.receive() as msg:
+                            records.append((msg.data, len(msg.fds)))
+                    for _ in range(100):
+                        with (await receiver.receive()).message as msg:
+                            datagrams.append((msg.data, len(msg.fds)))
+        finally:
+            await close_quietly(b, a)
+            await receiver.aclose()
+            await sender.aclose()
+    return records, datagrams
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_packet_sockets_deliver_everything(run: Runner) -> None:
+    records, datagrams = run(deliver_packets)
+    assert records == [(b"p%d" % i, 1) for i in range(200)]
+    assert datagrams == [(b"d%d" % i, 1) for i in range(100)]

@@ -162,7 +162,9 @@ async def test_lost_descriptors_raise_and_the_channel_goes_on() -> None:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit_with_free_slots(2), hard))
             try:
-                with pytest.raises(DescriptorsLostError, match="arrived and were closed"):
+                with pytest.raises(
+                    DescriptorsLostError, match="arrived and were closed"
+                ):
                     await b.receive()
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._channel import FdChannel, channel_pair
 from ._credentials import FdPassAttribute, PeerCredentials, same_user
+from ._datagram import Datagram, FdDatagramSocket, create_datagram_socket
 from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolError
 from ._fd import Fd
 from ._message import Limits, Message
@@ -20,9 +21,11 @@ from ._version import __version__
 
 __all__ = [
     "CHANNEL_FD_ENV",
+    "Datagram",
     "DescriptorsLostError",
     "Fd",
     "FdChannel",
+    "FdDatagramSocket",
     "FdListener",
     "FdPassAttribute",
     "FdPassError",
@@ -37,6 +40,7 @@ __all__ = [
     "channel_pair",
     "connect",
     "connect_stream",
+    "create_datagram_socket",
     "listen",
     "open_child_process",
     "same_user",

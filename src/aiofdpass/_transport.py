@@ -482,9 +482,11 @@ class Transport:
         return Packet(data, fds, credentials_in(ancdata), address, bool(ancdata))
 
     def try_send_to(
-        self, data: Sequence[Buffer], fds: Sequence[int], to: str | bytes
+        self, data: Sequence[Buffer], fds: Sequence[int], to: str | bytes | None
     ) -> bool:
         """Send one datagram to address ``to`` now; ``False`` if it must wait.
+
+        ``to=None`` sends to the connected peer.
 
         :raises OSError: as ``sendmsg`` does (nothing was sent): ``EBADF``
             for a closed descriptor, ``ECONNREFUSED``/``ENOENT`` for nobody

@@ -68,6 +68,22 @@ def _normalize(path: SocketPath) -> str | bytes:
     return os.fsdecode(p)
 
 
+# Shared with _datagram.py.
+SUN_PATH_MAX = _SUN_PATH_MAX
+normalize_path = _normalize
+sun_path = _sun_path
+
+
+def unlink_if_same(path: str, identity: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``identity`` describes."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == (identity.st_dev, identity.st_ino):
+        os.unlink(path)
+
+
 def _describe(path: str | bytes) -> str:
     return repr(path)
 
@@ -413,12 +429,7 @@ class FdListener(Listener[FdChannel]):
     def _unlink_own_file(self) -> None:
         if self._identity is None or not isinstance(self._path, str):
             return
-        try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == (self._identity.st_dev, self._identity.st_ino):
-            os.unlink(self._path)
+        unlink_if_same(self._path, self._identity)
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
