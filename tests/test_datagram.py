@@ -255,3 +255,66 @@ async def test_local_path_mode_and_what_is_never_replaced(
             await create_datagram_socket("x" * 120)
     finally:
         os.umask(old_umask)
+
+
+async def test_a_flood_of_refused_datagrams_leaks_nothing() -> None:
+    # A hostile sender fills our queue with datagrams of 253 descriptors,
+    # over max_fds: each receive refuses one and closes what it brought, the
+    # socket holds nothing between calls, and a good datagram still gets in.
+    name = abstract("hostile")
+    async with await create_datagram_socket(name, limits=Limits(max_fds=4)) as s:
+        with pipe() as (r, _), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
+            c.setblocking(False)
+            before = copies_of(r)
+            sent = 0
+            try:
+                while True:
+                    c.sendmsg([b"flood"], rights(*[r] * 253), 0, name)
+                    sent += 1
+            except BlockingIOError:
+                pass  # the kernel's queue is full: that bounds the flood
+            assert sent >= 1
+            for _ in range(sent):
+                with pytest.raises(ProtocolError, match="253 descriptors"):
+                    await s.receive()
+            assert copies_of(r) == before
+            c.sendmsg([b"good"], rights(r), 0, name)
+            with (await s.receive()).message as message:
+                assert (message.data, len(message.fds)) == (b"good", 1)
+
+
+async def test_cancelled_send_sends_nothing_and_cancelled_receive_loses_nothing() -> (
+    None
+):
+    name = abstract("cancel")
+    async with (
+        await create_datagram_socket(name) as receiver,
+        await create_datagram_socket() as sender,
+    ):
+        with pipe() as (r, _):
+            before = copies_of(r)
+            queued = 0
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def fill() -> None:
+                        nonlocal queued
+                        while True:  # until the receiver's queue is full
+                            await sender.send(b"%d" % queued, [r], to=name)
+                            queued += 1
+
+                    tg.start_soon(fill)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()  # the send waiting for room is cancelled
+            assert queued > 0
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await receiver.receive()  # cancelled before it reads
+            for i in range(queued):
+                with (await receiver.receive()).message as message:
+                    assert message.data == b"%d" % i
+            assert copies_of(r) == before
+            # Nothing else arrived: the cancelled send sent nothing.
+            raw_receiver = receiver.extra(anyio.abc.SocketAttribute.raw_socket)
+            with pytest.raises(BlockingIOError):
+                raw_receiver.recv(10)

@@ -207,3 +207,29 @@ async def test_kind_is_checked() -> None:
         channel_pair(kind="dgram")
     with pytest.raises(ValueError, match="'stream' or 'seqpacket'"):
         await aiofdpass.listen("\0aiofdpass-kind-test", kind="datagram")
+
+
+async def test_a_packet_that_looks_like_a_header_is_just_data() -> None:
+    # No header on SEQPACKET: a peer cannot lie about lengths or counts; the
+    # kernel's boundaries and the attached descriptors are all there is.
+    chan, peer = packets_pair()
+    async with chan:
+        with peer, pipe() as (r, _):
+            lie = b"FD\x01\x00\x00\x05\x00\x00\xff\xff\xff\xff"  # "5 fds, 4 GiB"
+            peer.sendmsg([lie], rights(r))
+            with await chan.receive() as msg:
+                assert msg.data == lie
+                assert len(msg.fds) == 1
+
+
+async def test_a_cancelled_receive_loses_no_packet() -> None:
+    a, b = channel_pair(kind="seqpacket")
+    async with a, b:
+        with pipe() as (r, _):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.receive)  # waits: nothing sent yet
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+            await a.send(b"after", [r])
+            with await b.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"after", 1)
