@@ -53,7 +53,7 @@ async def notify(*assignments: str, fds: Iterable[object] = ()) -> bool:
 
     One datagram of the assignments, one per line, goes to ``$NOTIFY_SOCKET``
     (a path, or ``@name`` for the abstract namespace), from a socket made
-    for the call; ``fds`` takes what :meth:`FdChannel.send` takes, and the
+    for the call; ``fds`` takes what :meth:`aiofdpass.FdChannel.send` takes, and the
     caller keeps its copies. Returns ``False``, sending nothing, when
     ``NOTIFY_SOCKET`` is not set (not started by systemd, or with
     ``NotifyAccess=none``).
@@ -104,7 +104,7 @@ def listen_fds(*, unset_environment: bool = True) -> list[tuple[str, Fd]]:
 
     They are numbers ``3 .. 3 + $LISTEN_FDS - 1``, when ``$LISTEN_PID`` is
     this process; names come from ``$LISTEN_FDNAMES`` (``"unknown"`` where
-    absent). Each is returned as an owned :class:`Fd` with close-on-exec
+    absent). Each is returned as an owned :class:`aiofdpass.Fd` with close-on-exec
     set (``systemd-socket-activate`` hands them over without it). Returns
     ``[]`` when systemd passed nothing to this process.
 
