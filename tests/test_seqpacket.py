@@ -233,3 +233,16 @@ async def test_a_cancelled_receive_loses_no_packet() -> None:
             await a.send(b"after", [r])
             with await b.receive() as msg:
                 assert (msg.data, len(msg.fds)) == (b"after", 1)
+
+
+async def test_a_live_listener_of_either_kind_is_never_replaced(tmp_path: Path) -> None:
+    # The liveness probe is a stream socket: a SEQPACKET listener answers it
+    # with EPROTOTYPE, which means alive.
+    path = tmp_path / "live.sock"
+    async with await aiofdpass.listen(path, kind="seqpacket"):
+        for kind in ("stream", "seqpacket"):
+            with pytest.raises(OSError, match="another process") as info:
+                await aiofdpass.listen(path, kind=kind)
+            assert info.value.errno == errno.EADDRINUSE
+        async with await aiofdpass.connect(path, kind="seqpacket"):
+            pass

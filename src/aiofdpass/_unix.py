@@ -162,8 +162,8 @@ def _is_live_socket(path: str) -> bool:
             probe.connect(name)
     except BlockingIOError:
         return True  # alive, backlog full
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno == errno.EPROTOTYPE  # alive, another socket type
     else:
         return True
     finally:
