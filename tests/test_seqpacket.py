@@ -246,3 +246,16 @@ async def test_a_live_listener_of_either_kind_is_never_replaced(tmp_path: Path) 
             assert info.value.errno == errno.EADDRINUSE
         async with await aiofdpass.connect(path, kind="seqpacket"):
             pass
+
+
+async def test_each_record_is_written_at_once_when_the_socket_has_room() -> None:
+    # On a stream the second of two back-to-back sends waits for the loop's
+    # flush (coalescing); a packet socket writes each one at once.
+    chan, peer = packets_pair()
+    async with chan:
+        with peer:
+            peer.setblocking(False)
+            await chan.send(b"first")
+            await chan.send(b"second")
+            assert peer.recv(100) == b"first"
+            assert peer.recv(100) == b"second"
