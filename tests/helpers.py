@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import Iterator
@@ -35,6 +36,11 @@ def pipe() -> Iterator[tuple[int, int]]:
     finally:
         os.close(r)
         os.close(w)
+
+
+def rights(*fds: int) -> list[tuple[int, int, array.array[int]]]:
+    """Ancillary data passing ``fds``, for a raw ``sendmsg`` playing a peer."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def open_fds() -> set[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import socket
@@ -23,13 +22,9 @@ from aiofdpass import (
     create_datagram_socket,
 )
 
-from .helpers import copies_of, identity, pipe
+from .helpers import copies_of, identity, pipe, rights
 
 pytestmark = pytest.mark.anyio
-
-
-def rights(*fds: int) -> list[tuple[int, int, array.array[int]]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def abstract(name: str) -> bytes:

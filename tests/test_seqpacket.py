@@ -23,13 +23,9 @@ from aiofdpass import (
     channel_pair,
 )
 
-from .helpers import copies_of, identity, limit_with_free_slots, pipe
+from .helpers import copies_of, identity, limit_with_free_slots, pipe, rights
 
 pytestmark = pytest.mark.anyio
-
-
-def rights(*fds: int) -> list[tuple[int, int, array.array[int]]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def packets_pair(**kwargs: object) -> tuple[FdChannel, socket.socket]:
