@@ -313,3 +313,43 @@ async def test_cancelled_send_sends_nothing_and_cancelled_receive_loses_nothing(
             raw_receiver = receiver.extra(anyio.abc.SocketAttribute.raw_socket)
             with pytest.raises(BlockingIOError):
                 raw_receiver.recv(10)
+
+
+async def test_bad_arguments_and_the_small_api() -> None:
+    with pytest.raises(TypeError, match="Limits"):
+        await create_datagram_socket(limits=4)  # type: ignore[arg-type]
+    name = abstract("api")
+    async with await create_datagram_socket(name, limits=Limits(max_fds=1)) as s:
+        assert s.limits == Limits(max_fds=1)
+        assert not s.closed
+        assert s.fileno() >= 0
+        assert s.extra(anyio.abc.SocketAttribute.local_address) == name
+        with pytest.raises(TypeError, match="bytes-like"):
+            await s.send("text", to=name)  # type: ignore[arg-type]
+        with pipe() as (r, w):
+            with pytest.raises(LimitError, match="max_fds of 1"):
+                await s.send(b"two", [r, w], to=name)
+            with pytest.raises(OSError, match="not open"):
+                await s.send(b"closed fd", [w + 1000], to=name)
+
+        async def second_receiver() -> None:
+            with pytest.raises(anyio.BusyResourceError):
+                await s.receive()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(s.receive)
+            await anyio.wait_all_tasks_blocked()
+            await second_receiver()
+            tg.cancel_scope.cancel()
+    assert s.closed
+    assert s.fileno() == -1
+
+
+def test_a_dropped_socket_warns_and_closes() -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fd = sock.fileno()
+    dsock = FdDatagramSocket.from_socket(sock)
+    with pytest.warns(ResourceWarning, match="unclosed FdDatagramSocket"):
+        del dsock  # the last reference: collected at once
+    with pytest.raises(OSError):  # noqa: PT011
+        os.fstat(fd)

@@ -728,13 +728,15 @@ def test_close_timeout_defaults_to_at_most_ten_seconds_and_can_be_set() -> None:
 async def deliver_packets() -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
     """200 SEQPACKET records and 100 datagrams, each with a descriptor.
 
-    Both overflow the kernel's queue (about ten packets): the channel's
+    Both overflow what the kernel holds (about ten packets: the channel's
+    small send buffer, the receiver's datagram queue), so the channel's
     background writer and the datagram socket's wait for room must run
     under every loop.
     """
     records: list[tuple[bytes, int]] = []
     datagrams: list[tuple[bytes, int]] = []
     a, b = channel_pair(kind="seqpacket")
+    small_buffers(raw(a))
     name = f"\0aiofdpass-run-modes-{id(records)}"
     receiver = await create_datagram_socket(name)
     sender = await create_datagram_socket()

@@ -23,14 +23,29 @@ from aiofdpass import (
     channel_pair,
 )
 
-from .helpers import copies_of, identity, limit_with_free_slots, pipe, rights
+from .helpers import (
+    copies_of,
+    identity,
+    limit_with_free_slots,
+    pipe,
+    rights,
+    small_buffers,
+)
 
 pytestmark = pytest.mark.anyio
 
 
-def packets_pair(**kwargs: object) -> tuple[FdChannel, socket.socket]:
-    """A SEQPACKET channel and a plain socket playing its peer (blocking)."""
+def packets_pair(
+    *, small: bool = False, **kwargs: object
+) -> tuple[FdChannel, socket.socket]:
+    """A SEQPACKET channel and a plain socket playing its peer (blocking).
+
+    ``small``: the channel's send buffer holds about ten small packets (a
+    connected SEQPACKET socket is limited by the sender's SO_SNDBUF only).
+    """
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if small:
+        small_buffers(a)
     return FdChannel.from_socket(a, **kwargs), b  # type: ignore[arg-type]
 
 
@@ -62,9 +77,9 @@ async def test_a_record_is_exactly_one_packet_with_no_header() -> None:
 
 async def test_records_sent_in_a_burst_stay_separate_packets() -> None:
     # Records sent one after another are coalesced on a stream; on a packet
-    # socket each is its own sendmsg, even when the kernel's queue is full
-    # (it holds about ten packets) and they wait in the channel's queue.
-    chan, peer = packets_pair()
+    # socket each is its own sendmsg, also when the send buffer is full
+    # (small: about ten packets) and they wait in the channel's queue.
+    chan, peer = packets_pair(small=True)
     sent = [b"%d" % i * (i % 7) for i in range(200)]
     async with chan:
         with peer, pipe() as (r, _):
@@ -255,3 +270,22 @@ async def test_each_record_is_written_at_once_when_the_socket_has_room() -> None
             await chan.send(b"second")
             assert peer.recv(100) == b"first"
             assert peer.recv(100) == b"second"
+
+
+async def test_queued_packets_dropped_at_close_are_logged_and_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chan, peer = packets_pair(small=True)
+    with peer, pipe() as (r, _):
+        before = copies_of(r)
+        for i in range(50):  # the peer never reads: most wait in the queue
+            await chan.send(b"%d" % i, [r])
+        assert copies_of(r) > before  # the queue's own duplicates
+        chan.close_timeout = 0
+        await chan.aclose()
+        assert copies_of(r) == before  # the kernel still holds the sent ones
+    dropped = [
+        rec.getMessage() for rec in caplog.records if "dropped" in rec.getMessage()
+    ]
+    assert len(dropped) == 1
+    assert "queued record(s) that were never written" in dropped[0]
