@@ -323,7 +323,7 @@ async def test_bad_arguments_and_the_small_api() -> None:
         assert s.limits == Limits(max_fds=1)
         assert not s.closed
         assert s.fileno() >= 0
-        assert s.extra(anyio.abc.SocketAttribute.local_address) == name
+        assert s.local_address == name
         with pytest.raises(TypeError, match="bytes-like"):
             await s.send("text", to=name)  # type: ignore[arg-type]
         with pipe() as (r, w):
