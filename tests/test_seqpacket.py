@@ -289,3 +289,20 @@ async def test_queued_packets_dropped_at_close_are_logged_and_closed(
     ]
     assert len(dropped) == 1
     assert "queued record(s) that were never written" in dropped[0]
+
+
+async def test_seqpacket_listener_keeps_allow_and_stale_socket_rules(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "seq.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on: replaced
+    others = {os.getuid() + 1}
+    async with await aiofdpass.listen(path, kind="seqpacket", allow=others) as lst:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lst.accept)  # never returns: the peer is refused
+            async with await aiofdpass.connect(path, kind="seqpacket") as client:
+                with pytest.raises(anyio.EndOfStream):
+                    await client.receive()  # closed unread by the listener
+            tg.cancel_scope.cancel()
