@@ -300,8 +300,6 @@ class FdChannel(Connection, ObjectStream[Message]):
             self._receive_calls += 1
             if not self._receive_calls & _YIELD_EVERY_MASK:
                 await driver.checkpoint()
-            if self._packets:
-                return await self._receive_packet(driver)
             decoder = self._decoder
             while True:
                 if transport.recv_state is not OPEN:
@@ -317,6 +315,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                     raise EndOfStream
                 if self._writer.outbox.nbytes:
                     self._writer.idle()  # what we queued goes out before we read
+                if self._packets:  # the decoder stays empty: read one packet
+                    return await self._receive_packet(driver)
                 view = decoder.get_buffer()
                 try:
                     # Transport.recv_into's loop, inlined: one coroutine less
@@ -343,12 +343,6 @@ class FdChannel(Connection, ObjectStream[Message]):
 
     async def _receive_packet(self, driver: Driver) -> Message:
         transport = self._transport
-        if transport.recv_state is not OPEN:
-            transport.check_recv()
-        if self._eof:
-            raise EndOfStream
-        if self._writer.outbox.nbytes:
-            self._writer.idle()  # what we queued goes out before we read
         limits = self._limits
         packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
         while packet is None:
