@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
+from anyio.abc import Process, SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import aiofdpass
@@ -46,8 +46,8 @@ async def test_peer_credentials_of_a_channel_and_a_stream() -> None:
         _ = c.peer_credentials
 
 
-async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> None:
-    path = tmp_path / "s.sock"
+async def connecting_child(path: Path) -> Process:
+    """Start a child that connects to ``path``, then waits for one byte."""
     client = textwrap.dedent(
         f"""
         import socket
@@ -56,10 +56,15 @@ async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> N
         s.recv(1)
         """
     )
+    return await anyio.open_process(
+        [sys.executable, "-c", client], stdin=subprocess.DEVNULL
+    )
+
+
+async def test_peer_credentials_name_the_connecting_process(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
     async with await aiofdpass.listen(path) as listener:
-        async with await anyio.open_process(
-            [sys.executable, "-c", client], stdin=subprocess.DEVNULL
-        ) as proc:
+        async with await connecting_child(path) as proc:
             async with await listener.accept() as server:
                 creds = server.peer_credentials
                 assert creds == PeerCredentials(proc.pid, os.geteuid(), os.getegid())
@@ -104,9 +109,12 @@ async def refused_client(path: Path) -> None:
         socket.send_fds(sock, [encode_header(9, 1) + b"let me in"], [w])
         os.close(w)
         async with FdChannel.from_socket(sock) as chan:
-            with pytest.raises(anyio.BrokenResourceError) as info:
+            # The server closed with our record unread (ECONNRESET): its
+            # direction ended, and our next send finds nobody.
+            with pytest.raises(anyio.EndOfStream):
                 await chan.receive()
-            assert isinstance(info.value.__cause__, ConnectionResetError)
+            with pytest.raises(anyio.BrokenResourceError):
+                await chan.send(b"anyone?")
         assert os.read(r, 1) == b""  # no write end is left anywhere
     finally:
         os.close(r)
@@ -177,8 +185,11 @@ async def test_accept_skips_refused_peers(tmp_path: Path) -> None:
             await second.send(b"second")
             async with await listener.accept() as server:
                 assert (await server.receive()).data == b"second"
-            with pytest.raises(anyio.BrokenResourceError):
+            # Closed with its record unread: end of stream, then EPIPE.
+            with pytest.raises(anyio.EndOfStream):
                 await first.receive()
+            with pytest.raises(anyio.BrokenResourceError):
+                await first.send(b"again")
     assert len(seen) == 2
 
 
@@ -298,3 +309,48 @@ async def test_so_passcred_on_an_accepted_channel_and_a_stream(tmp_path: Path) -
                 for fd in fds:
                     fd.close()
                 assert client.peer_credentials == server.peer_credentials == ME
+
+
+async def test_the_umask_never_loosens_nor_narrows_the_mode(tmp_path: Path) -> None:
+    # The socket gets ``mode`` before bind; the file is made with it minus
+    # the umask (never looser), then given back what the umask took.
+    old_umask = os.umask(0o077)
+    try:
+        for mode in (0o660, 0o666, 0o600, 0o000):
+            path = tmp_path / f"{mode:o}.sock"
+            async with await aiofdpass.listen(path, mode=mode):
+                assert stat.S_IMODE(os.lstat(path).st_mode) == mode
+    finally:
+        os.umask(old_umask)
+
+
+def _pidfd_pid(fd: aiofdpass.Fd) -> int:
+    """The pid a pidfd refers to (-1 once the process exited and was reaped)."""
+    with open(f"/proc/self/fdinfo/{fd.fileno()}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise AssertionError("not a pidfd")
+
+
+@pytest.mark.system
+async def test_peer_pidfd_pins_the_connecting_process(tmp_path: Path) -> None:
+    # SO_PEERPIDFD (Linux 6.5+): unlike the pid, the pidfd never comes to
+    # name another process once the peer is gone.
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        async with await connecting_child(path) as proc:
+            async with await listener.accept() as chan:
+                with chan.peer_pidfd() as pidfd:
+                    assert _pidfd_pid(pidfd) == proc.pid == chan.peer_credentials.pid
+                    assert os.get_inheritable(pidfd.fileno()) is False
+                    await chan.send(b"bye")
+                    assert await proc.wait() == 0
+                    assert _pidfd_pid(pidfd) == -1  # gone, and nobody else
+        # A channel_pair's peer is the process that made the pair.
+        a, b = aiofdpass.channel_pair()
+        async with a, b:
+            with a.peer_pidfd() as mine:
+                assert _pidfd_pid(mine) == os.getpid()
+        with pytest.raises(anyio.ClosedResourceError):
+            a.peer_pidfd()

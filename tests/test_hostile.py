@@ -10,19 +10,30 @@ descriptor table as a whole).
 
 from __future__ import annotations
 
+import errno
+import gc
+import itertools
 import os
+import re
+import shutil
 import socket
+import stat
 import struct
+import sys
+import tempfile
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import SocketAttribute
 
-from aiofdpass import Limits, ProtocolError, channel_pair
+import aiofdpass
+from aiofdpass import Limits, PeerCredentials, ProtocolError, channel_pair
 from aiofdpass._codec import READ_SIZE
 
-from .helpers import raw, small_buffers
+from .helpers import backend_id, copies_of, pipe, raw, small_buffers
 
 pytestmark = pytest.mark.anyio
 
@@ -273,3 +284,471 @@ async def test_peer_half_closes_between_records_and_still_reads(
             assert reply.data == b"reply" and len(reply.fds) == 2
         probe.drop_mine()
         assert probe.released()
+
+
+# -- Round two (issue 12): fail closed, touch nothing that is not ours -------
+
+
+async def test_an_async_allow_policy_is_refused_at_listen(tmp_path: Path) -> None:
+    # Its coroutine would be truthy: every peer would get in.
+    async def policy(creds: PeerCredentials) -> bool:
+        return False
+
+    class AsyncCallable:
+        async def __call__(self, creds: PeerCredentials) -> bool:
+            return False
+
+    for allow in (policy, AsyncCallable()):
+        with pytest.raises(TypeError, match="async function"):
+            await aiofdpass.listen(tmp_path / "s.sock", allow=allow)  # type: ignore[arg-type]
+        assert os.listdir(tmp_path) == []
+
+
+async def test_a_policy_returning_anything_but_a_bool_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def later(creds: PeerCredentials) -> bool:
+        return True
+
+    def returns_a_coroutine(creds: PeerCredentials) -> bool:
+        return later(creds)  # type: ignore[return-value]
+
+    def returns_a_string(creds: PeerCredentials) -> bool:
+        return "yes"  # type: ignore[return-value]
+
+    path = tmp_path / "s.sock"
+    for policy in (returns_a_coroutine, returns_a_string):
+        async with (
+            await aiofdpass.listen(path, allow=policy) as listener,
+            await aiofdpass.connect(path) as peer,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(listener.accept)
+            with anyio.fail_after(10):  # a hang guard: admitted, it would wait
+                # Refused and closed unread: it sees the close.
+                with pytest.raises(anyio.EndOfStream):
+                    await peer.receive()
+            tg.cancel_scope.cancel()
+    assert caplog.text.count("not True or False; the peer was refused") == 2
+
+
+# Another user tries listen() on the path. Run as root, the child imports
+# what it needs, then becomes nobody (the interpreter may live where nobody
+# can read it); run as anyone else, it stays this user, whom a mode-0
+# socket file refuses just the same (EACCES).
+LISTEN_AS_ANOTHER_USER = """
+import os, sys, anyio, aiofdpass, anyio._backends._asyncio, anyio._backends._trio
+import trio, uvloop
+
+async def main():
+    try:
+        listener = await aiofdpass.listen(sys.argv[1])
+    except OSError as exc:
+        print(exc.errno, exc)
+    else:
+        await listener.aclose()
+        print("listened")
+
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+backend = sys.argv[2]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+
+async def _listen_as_another_user(path: str, anyio_backend: object) -> str:
+    result = await anyio.run_process(
+        [sys.executable, "-c", LISTEN_AS_ANOTHER_USER, path, backend_id(anyio_backend)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    return result.stdout.decode()
+
+
+@pytest.mark.system
+async def test_listen_never_removes_a_socket_it_cannot_probe(
+    anyio_backend: object,
+) -> None:
+    # A directory anyone may create and remove files in; the socket file
+    # refuses the other user's probe (EACCES). Only ECONNREFUSED is stale.
+    directory = tempfile.mkdtemp()
+    try:
+        os.chmod(directory, 0o777)  # the shared directory of the attack
+        path = os.path.join(directory, "s.sock")
+        async with await aiofdpass.listen(path) as listener:
+            os.chmod(path, 0)
+            out = await _listen_as_another_user(path, anyio_backend)
+            in_use = errno.EADDRINUSE
+            assert out.startswith(f"{in_use} [Errno {in_use}] another process"), out
+            # Still ours, and live: our clients still reach us.
+            async with await aiofdpass.connect(path) as client:
+                async with await listener.accept() as server:
+                    await client.send(b"still here")
+                    assert (await server.receive()).data == b"still here"
+        # Stale, but the other user cannot tell: refused, and left in place.
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()
+        os.chmod(path, 0)
+        out = await _listen_as_another_user(path, anyio_backend)
+        denied = errno.EACCES
+        assert out.startswith(f"{denied} [Errno {denied}] cannot tell whether"), out
+        assert "remove it yourself" in out
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        shutil.rmtree(directory)
+
+
+async def test_a_refused_listen_is_not_a_connection_to_the_live_server(
+    tmp_path: Path,
+) -> None:
+    # The liveness check asks the kernel; it does not connect. The first
+    # connection the live server accepts is a real client's.
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        for _ in range(3):
+            with pytest.raises(OSError, match="another process is listening") as info:
+                await aiofdpass.listen(path)
+            assert info.value.errno == errno.EADDRINUSE
+        async with await aiofdpass.connect(path) as client:
+            await client.send(b"real")
+            async with await listener.accept() as server:
+                assert (await server.receive()).data == b"real"
+
+
+async def test_a_socket_of_another_type_is_live(tmp_path: Path) -> None:
+    # A datagram socket bound to the path: connect() would say EPROTOTYPE.
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        dgram.bind(str(path))
+        with pytest.raises(OSError, match="another process is listening") as info:
+            await aiofdpass.listen(path)
+        assert info.value.errno == errno.EADDRINUSE
+        # And a stream socket that is bound but not listening yet (its
+        # server is starting: connect() would say ECONNREFUSED).
+        starting = tmp_path / "starting.sock"
+        with socket.socket(socket.AF_UNIX) as early:
+            early.bind(str(starting))
+            with pytest.raises(OSError, match="another process is listening"):
+                await aiofdpass.listen(starting)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+async def test_long_file_names_are_refused_unless_connect_can_reach_them(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    unreachable = deep / ("n" * 100)  # no sun_path form of it fits in 108 bytes
+    with pytest.raises(OSError, match="connect.. could not reach it") as info:
+        await aiofdpass.listen(unreachable)
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(deep) == []
+    # connect() says why it cannot (the socket module's own words kept).
+    with pytest.raises(OSError, match="AF_UNIX path too long") as info:
+        await aiofdpass.connect(unreachable)
+    assert info.value.errno == errno.ENAMETOOLONG
+    # A long path with a short enough file name works, under its real name.
+    reachable = deep / ("n" * 60)
+    async with await aiofdpass.listen(reachable) as listener:
+        async with await aiofdpass.connect(reachable) as client:
+            async with await listener.accept() as server:
+                assert client.extra(SocketAttribute.remote_address) == str(reachable)
+                assert server.extra(SocketAttribute.local_address) == str(reachable)
+        with pytest.raises(OSError, match="another process is listening"):
+            await aiofdpass.listen(reachable)
+
+
+async def test_listen_and_connect_errors_say_what_happened(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "s.sock"
+    with pytest.raises(FileNotFoundError, match="no-such-dir' does not exist; create"):
+        await aiofdpass.listen(missing)
+    assert os.listdir(tmp_path) == []
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    with pytest.raises(OSError, match="it is a file, not a socket") as info:
+        await aiofdpass.connect(regular)
+    assert info.value.errno == errno.ENOTSOCK
+    with pytest.raises(OSError, match="it is a directory, not a socket"):
+        await aiofdpass.connect_stream(tmp_path)
+
+
+async def test_remote_address_is_the_real_path(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    async with await aiofdpass.listen(path) as listener:
+        async with await aiofdpass.connect(path) as client:
+            async with await listener.accept() as server:
+                assert client.extra(SocketAttribute.remote_address) == str(path)
+                assert server.extra(SocketAttribute.local_address) == str(path)
+                # The kernel's own name for it, too.
+                assert raw(client).getpeername() == str(path)
+        async with await aiofdpass.connect_stream(path) as stream:
+            assert stream.extra(SocketAttribute.remote_address) == str(path)
+            async with await listener.accept():
+                pass
+
+
+def _children() -> list[str]:
+    """This process's child processes, running or not yet waited for."""
+    pids = []
+    for name in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{name}/children") as f:
+            pids += f.read().split()
+    return pids
+
+
+@pytest.mark.system
+async def test_cancelled_open_child_process_leaves_nothing_behind() -> None:
+    # Cancel it after k scheduler yields, for every k until it completes:
+    # each time, both channel ends are closed and any child started is
+    # killed and waited for (the autouse fixture checks the descriptors;
+    # warnings are errors, so a ResourceWarning fails too).
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    for k in itertools.count(-1):
+        assert _children() == []
+        started = None
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as scope:
+                tg.start_soon(_cancel_after, k, scope)
+                started = await aiofdpass.open_child_process(command)
+        gc.collect()
+        if started is not None:
+            process, chan = started
+            async with process, chan:
+                process.kill()
+            break
+        assert _children() == [], k
+    assert k > 0  # the sweep reached inside the call
+
+
+async def _cancel_after(k: int, scope: anyio.CancelScope) -> None:
+    for _ in range(k):
+        await anyio.lowlevel.checkpoint()
+    scope.cancel()
+
+
+async def test_serve_without_a_task_group_raises_closed_resource_error(
+    tmp_path: Path,
+) -> None:
+    listener = await aiofdpass.listen(tmp_path / "s.sock")
+
+    async def handler(chan: aiofdpass.FdChannel) -> None:
+        pass
+
+    async with anyio.create_task_group() as tg:
+
+        async def serve() -> None:
+            # The documented error itself, not an ExceptionGroup around it.
+            with pytest.raises(anyio.ClosedResourceError):
+                await listener.serve(handler)
+
+        tg.start_soon(serve)
+        await anyio.wait_all_tasks_blocked()
+        await listener.aclose()
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**63])
+async def test_a_number_out_of_descriptor_range_is_refused_before_anything(
+    probe: Probe, bad: int
+) -> None:
+    a, b = channel_pair()
+    async with a, b:
+        before = copies_of(probe.w)
+        for fds in ([probe.w, bad], [probe.w] * 20 + [bad]):  # queued, direct
+            for _ in range(3):  # a burst: the queued path duplicates first
+                with pytest.raises(ValueError, match="between 0 and 2147483647"):
+                    await a.send(b"x", fds)
+        assert copies_of(probe.w) == before  # nothing duplicated, nothing kept
+        with pytest.raises(ValueError, match="between 0 and 2147483647"):
+            aiofdpass.Fd(bad)
+        await a.send_eof()
+        with pytest.raises(anyio.EndOfStream):  # nothing was sent
+            await b.receive()
+
+
+async def test_message_data_must_be_bytes() -> None:
+    for data in (5, 10**9, "text"):
+        with pytest.raises(TypeError, match="Message data must be bytes-like"):
+            aiofdpass.Message(data)  # type: ignore[arg-type]
+    assert aiofdpass.Message(bytearray(b"ok")).data == b"ok"
+
+
+async def test_a_bare_descriptor_for_fds_says_to_pass_a_list(probe: Probe) -> None:
+    a, b = channel_pair()
+    s, t = aiofdpass.stream_pair()
+    async with a, b, s, t:
+        with socket.socket(socket.AF_UNIX) as sock:
+            for bare, shown in ((probe.w, str(probe.w)), (sock, "<socket.socket")):
+                with pytest.raises(TypeError, match=rf"pass \[{re.escape(shown)}"):
+                    await a.send(b"x", bare)  # type: ignore[arg-type]
+                with pytest.raises(TypeError, match="pass \\["):
+                    await s.send(b"x", bare)  # type: ignore[arg-type]
+
+
+async def test_adopting_a_bad_descriptor_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pipe() as (r, _):
+        with pytest.raises(
+            OSError, match=rf"from_fd\({r}\): descriptor {r} is not a socket"
+        ):
+            aiofdpass.FdChannel.from_fd(r)
+        with pytest.raises(OSError, match=rf"descriptor {r} is not a socket"):
+            aiofdpass.FdStream.from_fd(r)
+        monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(r))
+        with pytest.raises(OSError, match=f"AIOFDPASS_CHANNEL_FD='{r}'"):
+            aiofdpass.channel_from_env()
+        os.fstat(r)  # still open: the caller still owns it
+    closed = os.dup(0)
+    os.close(closed)
+    monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(closed))
+    with pytest.raises(
+        OSError,
+        match=rf"FD='{closed}': from_fd\({closed}\): descriptor {closed} is not open",
+    ) as info:
+        aiofdpass.channel_from_env()
+    assert info.value.errno == errno.EBADF
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        monkeypatch.setenv(aiofdpass.CHANNEL_FD_ENV, str(dgram.fileno()))
+        with pytest.raises(ValueError, match="AIOFDPASS_CHANNEL_FD=.*SOCK_STREAM"):
+            aiofdpass.channel_from_env()
+
+
+async def test_memory_grows_with_the_bytes_that_arrived_not_the_header() -> None:
+    # 13 bytes (a header announcing 100 MiB, and one byte of it) commit no
+    # memory for the announced payload: a stalled peer costs one read's
+    # worth. Then the payload trickles in and the buffer grows with it.
+    size = 100 * 1024 * 1024
+    a, b = channel_pair(limits=Limits(max_payload=size))
+    async with a, b:
+        raw(a).sendall(header(0, size) + b"x")
+        tracemalloc.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.receive)
+                await anyio.wait_all_tasks_blocked()  # it waits for the rest
+                _, peak = tracemalloc.get_traced_memory()
+                tg.cancel_scope.cancel()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1024 * 1024, peak  # the event loop's own allocations too
+        # Nothing was lost to the cancellation, and the record arrives whole
+        # when the rest is sent; memory stays within twice what arrived.
+        chunk = b"y" * (1024 * 1024)
+        sent = 1
+
+        async def send_rest() -> None:
+            nonlocal sent
+            while sent < size:
+                n = min(len(chunk), size - sent)
+                await anyio.wait_writable(raw(a))
+                sent += raw(a).send(chunk[:n])
+
+        tracemalloc.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send_rest)
+                msg = await b.receive()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(msg.data) == size and msg.data[:2] == b"xy"
+        # The buffer (grown by doubling) and the message's own copy.
+        assert peak < 3 * size, peak
+
+
+async def test_peer_closes_with_our_record_unread_is_end_of_stream(
+    probe: Probe,
+) -> None:
+    # Linux reports ECONNRESET to us, after the peer's own records, when it
+    # closed with data of ours unread. Its direction ended at a record
+    # boundary: that is end of stream, and async for ends cleanly.
+    a, b = channel_pair()
+    async with b:
+        await b.send(b"never read", probe.copies(1))
+        await a.send(b"one", probe.copies(1))
+        await a.send(b"two")
+        await a.aclose()
+        probe.drop_mine()
+        got = []
+        async for msg in b:
+            with msg:
+                got.append((msg.data, msg.nfds))
+        assert got == [(b"one", 1), (b"two", 0)]
+        with pytest.raises(anyio.EndOfStream):
+            await b.receive()
+        with pytest.raises(anyio.BrokenResourceError):  # nobody reads: EPIPE
+            await b.send(b"more")
+        assert probe.released()
+    # Inside a record it is still a truncated record.
+    c, d = channel_pair()
+    async with d:
+        await d.send(b"never read")
+        raw(c).sendall(header(0, 10) + b"part")
+        await c.aclose()
+        with pytest.raises(ProtocolError, match="middle of a record"):
+            await d.receive()
+
+
+# A receiver whose address space is capped: a peer announces 4 GiB - 1 under
+# a max_payload that allows it, and sends until the receiver gives up.
+RECEIVE_WITH_LITTLE_MEMORY = """
+import resource, struct, sys
+import anyio, aiofdpass
+from anyio.abc import SocketAttribute
+
+async def main():
+    limits = aiofdpass.Limits(max_payload=2**32 - 1)
+    a, b = aiofdpass.channel_pair(limits=limits)
+    async with a, b:
+        peer = a.extra(SocketAttribute.raw_socket)
+        peer.sendall(struct.pack("!2sBBHHI", b"FD", 1, 0, 0, 0, 2**32 - 1))
+        with open("/proc/self/status") as f:
+            size = next(int(l.split()[1]) for l in f if l.startswith("VmSize:"))
+        cap = (size + 256 * 1024) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        chunk = b"z" * 65536
+
+        async def feed():
+            while True:
+                await anyio.wait_writable(peer)
+                try:
+                    peer.send(chunk)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # the receiver broke the connection
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed)
+            try:
+                await b.receive()
+            except aiofdpass.ProtocolError as exc:
+                print("ProtocolError:", exc)
+            except MemoryError:
+                print("MemoryError")
+            tg.cancel_scope.cancel()
+
+backend = sys.argv[1]
+anyio.run(
+    main,
+    backend="trio" if backend == "trio" else "asyncio",
+    backend_options={"use_uvloop": True} if backend == "uvloop" else {},
+)
+"""
+
+
+@pytest.mark.system
+async def test_no_memory_error_escapes_receive(anyio_backend: object) -> None:
+    result = await anyio.run_process(
+        [sys.executable, "-c", RECEIVE_WITH_LITTLE_MEMORY, backend_id(anyio_backend)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    out = result.stdout.decode()
+    assert out.startswith("ProtocolError: out of memory for a record"), out
+    assert "lower Limits.max_payload" in out

@@ -11,7 +11,7 @@ from anyio.abc import ObjectStream
 
 from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
-from ._convert import close_forwarded, close_sent, filenos_of
+from ._convert import as_fd_list, close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
 from ._transport import OPEN
@@ -185,10 +185,12 @@ class FdChannel(Connection, ObjectStream[Message]):
         yields to the event loop whenever it waits, and at least every 32nd
         call when it never has to wait.
 
-        :raises TypeError: if ``data`` is not bytes-like or an item of
-            ``fds`` is not a descriptor.
-        :raises ValueError: for a negative descriptor number, or for ``fds``
-            given together with a ``Message``.
+        :raises TypeError: if ``data`` is not bytes-like, ``fds`` is not a
+            list (``send(data, [fd])``, not ``send(data, fd)``) or an item of
+            it is not a descriptor.
+        :raises ValueError: for a number that is not a descriptor's
+            (negative, or over ``2**31 - 1``), or for ``fds`` given together
+            with a ``Message``; nothing sent, nothing duplicated.
         :raises OSError: ``EBADF`` if a descriptor is closed, ``EMFILE`` if
             this process is out of descriptors even after the queue drained;
             nothing sent.
@@ -220,7 +222,7 @@ class FdChannel(Connection, ObjectStream[Message]):
                 raise TypeError(
                     f"data must be bytes-like or a Message, not {type(data).__name__}"
                 ) from None
-        objs = fds if type(fds) is list or type(fds) is tuple else list(fds)
+        objs = fds if type(fds) is list or type(fds) is tuple else as_fd_list(fds)
         numbers = filenos_of(objs)
         limits = self._limits
         nbytes = len(payload)
@@ -317,7 +319,11 @@ class FdChannel(Connection, ObjectStream[Message]):
                     self._writer.idle()  # what we queued goes out before we read
                 if self._packets:  # the decoder stays empty: read one packet
                     return await self._receive_packet(driver)
-                view = decoder.get_buffer()
+                try:
+                    view = decoder.get_buffer()
+                except ProtocolError as exc:  # out of memory for the record
+                    transport.break_all(exc, "no memory for the record")
+                    raise
                 try:
                     # Transport.recv_into's loop, inlined: one coroutine less
                     # per read on the ping-pong path.

@@ -100,16 +100,25 @@ class RecordDecoder:
     def get_buffer(self) -> memoryview:
         """Return free space to read into; pass the count read to :meth:`commit`.
 
-        The space is sized for the record being received (so a large payload
-        is read in few calls) but never beyond what the limits allow: a
-        header is checked before space for its payload is made.
+        The space grows with the record being received, never with what its
+        header announces: at most as much again as the record has brought
+        so far (at least a 64 KiB read), so a large payload is read in few
+        calls, and a peer that sends a header and stalls makes this side
+        commit no memory for the payload it announced. A header over the
+        limits is refused before any of that.
+
+        :raises ProtocolError: if the memory for a record cannot be had
+            (``MemoryError``); the decoder has then closed its descriptors.
         """
         if self._failed is not None:
             self._check_usable()
         wanted = READ_SIZE
         if self._header is not None:
-            # Room for the rest of this record, plus a read's worth after it.
-            wanted = max(wanted, HEADER_SIZE + self._header[0] - self._pending())
+            # The rest of this record, but no more than arrived of it so
+            # far: doubling, so copies stay linear in the record's size.
+            pending = self._end - self._start
+            rest = HEADER_SIZE + self._header[0] - pending
+            wanted = max(wanted, rest if rest < pending else pending)
         elif self._start == self._end:
             # Everything read was decoded: the next read starts at the front.
             self._start = self._end = 0
@@ -276,7 +285,14 @@ class RecordDecoder:
             self._buf[:pending] = self._buf[self._start : self._end]
             self._start, self._end = 0, pending
         if len(self._buf) - self._end < n:
-            self._buf.extend(bytes(n - (len(self._buf) - self._end)))
+            try:
+                self._buf.extend(bytes(n - (len(self._buf) - self._end)))
+            except MemoryError:
+                self._fail(
+                    f"out of memory for a record of {pending + n} bytes or "
+                    "more: lower Limits.max_payload to what this process can "
+                    "hold; the record and its descriptors were discarded"
+                )
 
     def _parse_header(self) -> tuple[int, int]:
         magic, version, flags, nfds, reserved, length = _HEADER.unpack_from(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -12,7 +13,13 @@ from typing import Any, TypeVar
 from anyio import ClosedResourceError, TypedAttributeProvider
 from anyio.abc import SocketAttribute
 
-from ._credentials import FdPassAttribute, PeerCredentials, peer_credentials_of
+from ._credentials import (
+    FdPassAttribute,
+    PeerCredentials,
+    peer_credentials_of,
+    peer_pidfd_of,
+)
+from ._fd import Fd
 from ._transport import Transport
 from ._writer import DEFAULT_CLOSE_TIMEOUT, Writer
 
@@ -30,9 +37,22 @@ def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
     """
     if isinstance(fd, bool) or not isinstance(fd, int):
         raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        what = "is not open" if exc.errno == errno.EBADF else "is not a socket"
+        raise OSError(
+            exc.errno,
+            f"from_fd({fd}): descriptor {fd} {what} ({exc.strerror}); pass a "
+            "connected AF_UNIX stream socket",
+        ) from None
+    except (ValueError, OverflowError):
+        raise ValueError(f"from_fd({fd}): {fd} is not a descriptor number") from None
     try:
         return make(sock)
+    except ValueError as exc:
+        sock.detach()  # the caller still owns the number
+        raise ValueError(f"from_fd({fd}): {exc}") from None
     except BaseException:
         sock.detach()  # the caller still owns the number
         raise
@@ -76,6 +96,11 @@ class Connection(TypedAttributeProvider):
         "FdStream carries a byte stream; for SOCK_SEQPACKET use FdChannel, "
         "for SOCK_DGRAM FdDatagramSocket"
     )
+    # The socket path as the user named it, where the kernel's name differs
+    # (a path too long for sun_path is bound as /proc/self/fd/N/<name>):
+    # set by connect() (remote) and accept() (local).
+    _local_name: str | bytes | None = None
+    _remote_name: str | bytes | None = None
 
     def __init__(
         self, sock: socket.socket, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
@@ -127,6 +152,27 @@ class Connection(TypedAttributeProvider):
                 raise ClosedResourceError("this connection was closed with aclose()")
             self._peer_credentials = peer_credentials_of(self._transport.sock)
         return self._peer_credentials
+
+    def peer_pidfd(self) -> Fd:
+        """Return a pidfd for the peer process, as an :class:`Fd` the caller owns.
+
+        Linux 6.5+ (``SO_PEERPIDFD``): the process that made the connection
+        (for a :func:`channel_pair`, the one that made the pair), pinned:
+        unlike ``PeerCredentials.pid``, a pidfd never comes to name
+        another process once the peer exits, so checks made through it
+        (``/proc/self/fdinfo/<fd>`` gives its pid, ``-1`` once it has exited
+        and been reaped; ``pidfd_send_signal``, ``poll`` for its exit) have no
+        pid-reuse race. Each call returns a new descriptor; close it.
+
+        On older kernels it raises ``OSError`` ``ENOPROTOOPT``: fall back to
+        ``peer_credentials`` (uid and gid are race-free; the pid is not).
+
+        :raises anyio.ClosedResourceError: if the connection was closed.
+        :raises OSError: ``ENOPROTOOPT`` before Linux 6.5.
+        """
+        if self._transport.closed:
+            raise ClosedResourceError("this connection was closed with aclose()")
+        return Fd._adopt(peer_pidfd_of(self._transport.sock))
 
     async def send_eof(self) -> None:
         """Write what is queued, then shut down the sending side.
@@ -201,10 +247,15 @@ class Connection(TypedAttributeProvider):
         Also ``FdPassAttribute.peer_credentials``.
         """
         sock = self._transport.sock
+        local, remote = self._local_name, self._remote_name
         return {
             SocketAttribute.family: lambda: socket.AF_UNIX,
-            SocketAttribute.local_address: sock.getsockname,
-            SocketAttribute.remote_address: sock.getpeername,
+            SocketAttribute.local_address: (
+                sock.getsockname if local is None else lambda: local
+            ),
+            SocketAttribute.remote_address: (
+                sock.getpeername if remote is None else lambda: remote
+            ),
             SocketAttribute.raw_socket: lambda: sock,
             FdPassAttribute.peer_credentials: lambda: self.peer_credentials,
         }

@@ -13,10 +13,10 @@ import anyio
 from anyio import TypedAttributeProvider
 from anyio.abc import AsyncResource, SocketAttribute
 
-from ._fd import Fd
+from ._fd import FD_MAX, Fd
 from ._message import Message
 
-__all__ = ["close_forwarded", "close_sent", "fileno_of", "filenos_of"]
+__all__ = ["as_fd_list", "close_forwarded", "close_sent", "fileno_of", "filenos_of"]
 
 logger = logging.getLogger("aiofdpass")
 
@@ -34,14 +34,18 @@ def fileno_of(obj: object) -> int:
     """Return the descriptor number of ``obj`` without taking ownership.
 
     :raises TypeError: if ``obj`` is not a descriptor.
-    :raises ValueError: for a negative number.
+    :raises ValueError: for a number that is not a descriptor's (negative,
+        or over ``2**31 - 1``).
     :raises OSError: ``EBADF`` if ``obj`` is closed.
     """
     if isinstance(obj, bool):
         raise TypeError("a bool is not a descriptor")
     if isinstance(obj, int):
-        if obj < 0:
-            raise ValueError(f"descriptor numbers are never negative, got {obj}")
+        if not 0 <= obj <= FD_MAX:
+            raise ValueError(
+                f"descriptor numbers are between 0 and {FD_MAX}, got {obj}; "
+                "nothing was sent"
+            )
         return obj
     if isinstance(obj, Fd):
         if obj.closed:
@@ -55,6 +59,8 @@ def fileno_of(obj: object) -> int:
             raise TypeError(f"{type(obj).__name__}.fileno() returned {fd!r}")
         if fd < 0:  # a closed socket.socket says -1
             raise _closed(repr(obj))
+        if fd > FD_MAX:
+            raise ValueError(f"{type(obj).__name__}.fileno() returned {fd}")
         return fd
     if isinstance(obj, TypedAttributeProvider):
         raw = obj.extra(SocketAttribute.raw_socket, None)
@@ -69,7 +75,30 @@ def fileno_of(obj: object) -> int:
 def filenos_of(objs: Iterable[object]) -> list[int]:
     """Return the descriptor numbers of ``objs``, checking every one first."""
     # Plain numbers (the common case, and many per record) skip the checks.
-    return [obj if type(obj) is int and obj >= 0 else fileno_of(obj) for obj in objs]
+    return [
+        obj if type(obj) is int and 0 <= obj <= FD_MAX else fileno_of(obj)
+        for obj in objs
+    ]
+
+
+def as_fd_list(fds: object) -> list[Any]:
+    """Return ``fds`` (an iterable of descriptors) as a list.
+
+    :raises TypeError: for a single descriptor (a number, or an object with
+        ``fileno()``: a file would otherwise be iterated line by line), or
+        anything not iterable, saying to pass a list.
+    """
+    if isinstance(fds, int | _HasFileno | TypedAttributeProvider):
+        raise TypeError(
+            f"fds takes a list of descriptors, not one {type(fds).__name__}: "
+            f"pass [{fds!r}]"
+        )
+    if not isinstance(fds, Iterable):
+        raise TypeError(
+            "fds takes a list of descriptors (ints, files, sockets, Fd), not "
+            f"{type(fds).__name__}"
+        )
+    return list(fds)
 
 
 async def close_sent(objs: Iterable[Any]) -> None:

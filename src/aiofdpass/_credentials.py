@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import inspect
 import logging
 import os
 import socket
@@ -18,6 +20,7 @@ __all__ = [
     "check_peer",
     "make_policy",
     "peer_credentials_of",
+    "peer_pidfd_of",
     "same_user",
 ]
 
@@ -34,7 +37,8 @@ class PeerCredentials(NamedTuple):
     was then, and the peer cannot forge them. ``uid`` and ``gid`` are the
     peer's effective ids. ``pid`` is 0 when the peer lives in a PID namespace
     this process cannot see; a pid can be reused after the peer exits, so
-    authorize by ``uid``/``gid``, not by ``pid``.
+    authorize by ``uid``/``gid``, not by ``pid``, or identify the process
+    through ``channel.peer_pidfd()`` (Linux 6.5+), which has no such race.
     Constructing one never raises.
     """
 
@@ -62,6 +66,37 @@ def peer_credentials_of(sock: socket.socket) -> PeerCredentials:
     """Return the ``SO_PEERCRED`` credentials of a connected AF_UNIX socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
+
+
+# SO_PEERPIDFD (Linux 6.5+): a pidfd for the peer process. Python 3.11 lacks
+# the name.
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def peer_pidfd_of(sock: socket.socket) -> int:
+    """Return a new pidfd (``SO_PEERPIDFD``) for the peer of an AF_UNIX socket.
+
+    The caller owns the number (close-on-exec).
+
+    :raises OSError: ``ENOPROTOOPT`` on kernels before Linux 6.5, with a
+        message that says what to use instead; ``ENODATA`` if the kernel
+        recorded no peer. A peer that has exited still gives a pidfd
+        (``/proc/self/fdinfo`` then says ``Pid: -1``).
+    """
+    try:
+        fd: int = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:  # pragma: no cover - Linux 6.5+ answers (6.18 here)
+        if exc.errno == errno.ENOPROTOOPT:
+            raise OSError(
+                errno.ENOPROTOOPT,
+                "this kernel has no SO_PEERPIDFD (it came in Linux 6.5): "
+                "identify the peer by peer_credentials (uid and gid; its pid "
+                "may be reused once the peer exits)",
+            ) from None
+        raise OSError(
+            exc.errno, f"cannot get a pidfd for the peer: {exc.strerror}"
+        ) from None
+    return fd
 
 
 #: What ``listen(allow=...)`` takes: a collection of uids, or a function of
@@ -115,6 +150,15 @@ def make_policy(
     if allow is None:
         return None
     if callable(allow):
+        # An object whose __call__ is async is one too.
+        call = getattr(type(allow), "__call__", None)  # noqa: B004
+        if inspect.iscoroutinefunction(allow) or inspect.iscoroutinefunction(call):
+            raise TypeError(
+                f"allow={allow!r} is an async function: its result (a coroutine) "
+                "would admit everyone. Pass a plain function PeerCredentials -> "
+                "bool (the credentials are all there when it is called), or a "
+                "collection of uids"
+            )
         return allow
     if isinstance(allow, str | bytes) or not isinstance(allow, Collection):
         raise TypeError(
@@ -134,8 +178,10 @@ def make_policy(
 def check_peer(sock: socket.socket, policy: Callable[[PeerCredentials], bool]) -> bool:
     """Return whether ``policy`` admits the peer of a freshly accepted ``sock``.
 
-    Nothing is read from the socket. A policy that raises refuses the peer
-    (the error is logged): a bug in a policy must not let anyone in.
+    Nothing is read from the socket. Only ``True`` admits: a policy that
+    raises, or returns anything but a ``bool`` (a coroutine, ``None``),
+    refuses the peer and the error is logged: a bug in a policy must not let
+    anyone in.
     """
     try:
         creds = peer_credentials_of(sock)
@@ -143,11 +189,23 @@ def check_peer(sock: socket.socket, policy: Callable[[PeerCredentials], bool]) -
         logger.warning("refused a connection: cannot read its credentials: %s", exc)
         return False
     try:
-        admitted = bool(policy(creds))
+        admitted = policy(creds)
     except Exception:
         logger.exception(
             "the listener's allow policy %r raised for %s; the peer was refused",
             policy,
+            creds,
+        )
+        return False
+    if not isinstance(admitted, bool):
+        if inspect.iscoroutine(admitted):
+            admitted.close()  # never awaited, and no warning about it
+        logger.error(
+            "the listener's allow policy %r returned %r for %s, not True or "
+            "False; the peer was refused. A policy is a plain function that "
+            "returns a bool",
+            policy,
+            admitted,
             creds,
         )
         return False

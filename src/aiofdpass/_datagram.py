@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
-import stat
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,7 +18,14 @@ from ._credentials import PeerCredentials
 from ._errors import LimitError
 from ._message import Limits, Message
 from ._transport import Transport
-from ._unix import SUN_PATH_MAX, SocketPath, normalize_path, sun_path, unlink_if_same
+from ._unix import (
+    SUN_PATH_MAX,
+    SocketPath,
+    bind_socket_path,
+    normalize_path,
+    sun_path,
+    unlink_if_same,
+)
 from ._writer import SendLock
 
 if TYPE_CHECKING:
@@ -278,15 +283,12 @@ class FdDatagramSocket(UnreliableObjectReceiveStream[Datagram]):
         }
 
 
-def bind_datagram_path(sock: socket.socket, path: str, mode: int) -> os.stat_result:
-    """Bind ``sock`` at ``path``, a file never more open than ``mode``.
+def _bind_path(sock: socket.socket, path: str, mode: int) -> os.stat_result:
+    """Bind ``sock`` to the file ``path`` as :func:`listen` binds (mode, stale files).
 
-    ``fchmod`` on the socket before ``bind``: the kernel creates the file
-    with the socket's mode less the umask, and under its real name (a
-    socket bound elsewhere and linked into place would keep the other name,
-    and replies to it would fail). ``bind`` never replaces a file. A stale
-    socket file (``ECONNREFUSED``: nobody bound) is removed first; a live
-    one (also of another type: ``EPROTOTYPE``) or a non-socket is refused.
+    A path too long for ``sun_path`` is refused: the kernel names the socket
+    by what ``bind`` was given, and senders reply to that name, so it must
+    be the real path (not ``/proc/self/fd/N/...``).
     """
     if len(os.fsencode(path)) >= SUN_PATH_MAX:
         raise ValueError(
@@ -294,40 +296,7 @@ def bind_datagram_path(sock: socket.socket, path: str, mode: int) -> os.stat_res
             f"{SUN_PATH_MAX - 1} bytes): senders reply to the name given to "
             "bind, so it must be the real path. Choose a shorter path"
         )
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(
-                errno.EEXIST,
-                f"{path!r} exists and is not a socket; refusing to replace it. "
-                "Remove it yourself or choose another path",
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: left by a process that died
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"{path!r} is a socket in use ({exc.strerror}); stop its owner "
-                "or choose another path",
-            ) from None
-        else:
-            raise OSError(
-                errno.EADDRINUSE,
-                f"another process is bound to {path!r}; stop it or choose another path",
-            )
-        finally:
-            probe.close()
-    os.fchmod(sock.fileno(), mode)
-    sock.bind(path)
-    return os.stat(path)
+    return bind_socket_path(sock, path, mode)
 
 
 async def create_datagram_socket(
@@ -343,9 +312,9 @@ async def create_datagram_socket(
     receivers see ``address=None`` (unless ``pass_credentials``: then the
     kernel binds it to an abstract name of its choosing on its first send,
     and that is what receivers see and reply to). A path behaves as for
-    :func:`listen`: the file is never looser than ``mode`` (the umask may
-    make it stricter), a stale socket file is replaced, a live one or a
-    non-socket never; :meth:`FdDatagramSocket.aclose` removes it. A leading
+    :func:`listen` (the same code binds it): the file gets exactly ``mode``
+    and is never looser at any moment, a stale socket file is replaced, a
+    live one or a non-socket never; :meth:`FdDatagramSocket.aclose` removes it. A leading
     NUL byte means Linux's abstract namespace.
 
     :param mode: permissions of the socket file (default ``0o600``: only
@@ -366,7 +335,7 @@ async def create_datagram_socket(
         if pass_credentials:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         if isinstance(path, str) and not path.startswith("\0"):
-            identity = bind_datagram_path(sock, path, mode)
+            identity = _bind_path(sock, path, mode)
             return FdDatagramSocket(sock, limits=limits, path=path, identity=identity)
         if path is not None:
             sock.bind(path)

@@ -20,8 +20,9 @@ class ProtocolError(FdPassError):
 
     Raised on receive for a bad magic or version, a record over a limit,
     fewer descriptors than a record's header announced, descriptors that no
-    record claims (seen at end of stream, or when more than 253 pile up), or
-    end of stream in the middle of a record. Every descriptor the channel
+    record claims (seen at end of stream, or when more than 253 pile up),
+    end of stream in the middle of a record, or a record this process has
+    no memory for (lower ``Limits.max_payload``). Every descriptor the channel
     held has been closed and the channel is broken: later calls raise
     :class:`anyio.BrokenResourceError`. Close the channel; a new connection
     starts from a clean state.

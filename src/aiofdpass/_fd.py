@@ -8,7 +8,10 @@ import warnings
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["Fd", "close_numbers"]
+__all__ = ["FD_MAX", "Fd", "close_numbers"]
+
+#: The largest descriptor number: descriptors are C ints.
+FD_MAX = 2**31 - 1
 
 
 def close_numbers(numbers: list[int]) -> None:
@@ -57,7 +60,8 @@ class Fd:
 
     :param fd: a descriptor number; the new object owns it from now on.
     :raises TypeError: if ``fd`` is not an ``int``.
-    :raises ValueError: if ``fd`` is negative.
+    :raises ValueError: if ``fd`` is negative or over ``2**31 - 1`` (not a
+        descriptor number).
     """
 
     __slots__ = ("__weakref__", "_fd")
@@ -66,8 +70,8 @@ class Fd:
         self._fd = -1  # so __del__ finds it even if validation fails
         if isinstance(fd, bool) or not isinstance(fd, int):
             raise TypeError(f"Fd() takes a descriptor number, not {type(fd).__name__}")
-        if fd < 0:
-            raise ValueError(f"a descriptor number is never negative, got {fd}")
+        if not 0 <= fd <= FD_MAX:
+            raise ValueError(f"a descriptor number is between 0 and {FD_MAX}, got {fd}")
         self._fd = fd
 
     @property

@@ -66,8 +66,9 @@ class Message:
 
     :param data: the payload; any bytes-like object (it is copied).
     :param fds: the descriptors; the message owns them.
-    :raises TypeError: if an item of ``fds`` is not an :class:`Fd` (plain
-        numbers go to :meth:`FdChannel.send` instead).
+    :raises TypeError: if ``data`` is not bytes-like (an ``int`` or a
+        ``str`` included), or an item of ``fds`` is not an :class:`Fd`
+        (plain numbers go to :meth:`FdChannel.send` instead).
     """
 
     # A received message keeps its descriptors as plain numbers (``_numbers``,
@@ -90,6 +91,13 @@ class Message:
                     f"Message fds must be Fd objects, not {type(fd).__name__}; "
                     "pass plain descriptors to FdChannel.send(data, fds) instead"
                 )
+        if isinstance(data, int | str):
+            # bytes(5) would be five zero bytes; bytes("x") needs an encoding.
+            raise TypeError(
+                f"Message data must be bytes-like, not {type(data).__name__} "
+                f"{data!r:.40}: pass bytes (b'...', str.encode(), "
+                "int.to_bytes())"
+            )
         self._data = bytes(data)
         self._fds = fds
 

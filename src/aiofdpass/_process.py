@@ -8,6 +8,7 @@ These two functions are that pattern, written once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,8 +16,10 @@ from typing import IO, Any, Union
 
 import anyio
 from anyio.abc import Process
+from anyio.lowlevel import checkpoint
 
 from ._channel import FdChannel, channel_pair
+from ._fd import FD_MAX
 from ._message import Limits
 
 __all__ = ["CHANNEL_FD_ENV", "channel_from_env", "open_child_process"]
@@ -70,26 +73,43 @@ async def open_child_process(
     :return: the :class:`anyio.abc.Process` and this process's channel end.
     :raises OSError: if the child could not be started; both channel ends
         are closed then.
+
+    If it raises (cancellation included), nothing it made outlives it: both
+    channel ends are closed, and a child already started is killed and
+    waited for. Starting the child is not interrupted half-way (a
+    cancellation that arrives meanwhile takes effect once it has started,
+    and that child is then killed and reaped).
     """
+    await checkpoint()
     ours, theirs = channel_pair(limits=limits)
+    process: Process | None = None
     try:
         child_env = dict(os.environ if env is None else env)
         child_env[env_var] = str(theirs.fileno())
-        process = await anyio.open_process(
-            list(command),
-            env=child_env,
-            pass_fds=[theirs.fileno(), *pass_fds],
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            start_new_session=start_new_session,
-        )
+        with anyio.CancelScope(shield=True):
+            try:
+                process = await anyio.open_process(
+                    list(command),
+                    env=child_env,
+                    pass_fds=[theirs.fileno(), *pass_fds],
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd=cwd,
+                    start_new_session=start_new_session,
+                )
+            finally:
+                await theirs.aclose()
+        await checkpoint()  # a cancellation that came meanwhile lands here
     except BaseException:
-        await ours.aclose()
+        with anyio.CancelScope(shield=True):
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.aclose()  # waits for it: no zombie
+            await ours.aclose()
         raise
-    finally:
-        await theirs.aclose()
+    assert process is not None
     return process, ours
 
 
@@ -111,7 +131,8 @@ def channel_from_env(
     :raises ValueError: if its value is not a descriptor number, or the
         descriptor is not a connected AF_UNIX stream socket.
     :raises OSError: ``EBADF`` if the descriptor is not open, ``ENOTSOCK``
-        if it is not a socket.
+        if it is not a socket. Every error names the variable and the
+        descriptor.
     """
     value = os.environ.get(env_var)
     if value is None:
@@ -123,8 +144,18 @@ def channel_from_env(
         fd = int(value)
     except ValueError:
         raise ValueError(f"{env_var}={value!r} is not a descriptor number") from None
-    if fd < 0:
+    if not 0 <= fd <= FD_MAX:
         raise ValueError(f"{env_var}={value!r} is not a descriptor number")
-    channel = FdChannel.from_fd(fd, limits=limits)
+    try:
+        channel = FdChannel.from_fd(fd, limits=limits)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"{env_var}={value!r}: {exc.strerror}. Was this process started by "
+            "aiofdpass.open_child_process()? Its descriptor must stay open "
+            "until channel_from_env() adopts it",
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"{env_var}={value!r}: {exc}") from None
     del os.environ[env_var]
     return channel

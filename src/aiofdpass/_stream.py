@@ -11,7 +11,7 @@ from anyio import EndOfStream
 from anyio.abc import AsyncResource
 
 from ._connection import Connection, adopt_fd
-from ._convert import close_sent, filenos_of
+from ._convert import as_fd_list, close_sent, filenos_of
 from ._errors import LimitError
 from ._fd import Fd
 from ._message import SCM_MAX_FD
@@ -73,7 +73,7 @@ class FdStream(Connection, AsyncResource):
         :raises anyio.BrokenResourceError: if the connection failed.
         """
         payload = memoryview(data).cast("B")
-        objs = list(fds)
+        objs = as_fd_list(fds)
         numbers = filenos_of(objs)
         if numbers and not payload:
             raise ValueError(

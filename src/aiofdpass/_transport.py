@@ -363,7 +363,8 @@ class Transport:
     def try_recv_into(self, buf: memoryview) -> tuple[int, list[int]] | None:
         """Read once into ``buf`` without waiting: the byte count and descriptors.
 
-        ``None`` if nothing is there yet; 0 bytes means end of stream. The
+        ``None`` if nothing is there yet; 0 bytes means end of stream (also
+        for ``ECONNRESET``: the peer closed without reading all we sent). The
         descriptors are plain numbers that the caller owns from the return
         on: hand them to an owner (the decoder, or :class:`Fd` objects)
         before anything else can fail.
@@ -377,6 +378,14 @@ class Transport:
             )
         except BlockingIOError:
             return None
+        except ConnectionResetError:
+            # The peer closed with data of ours unread. Linux says so once,
+            # only after everything the peer sent has been read: its
+            # direction ended there, as with a close (the next read says
+            # end of stream). A later send gets EPIPE.
+            if self.recv_state is not OPEN:
+                self.check_recv()
+            return 0, []
         except OSError as exc:
             self._raise_translated(exc, "receive")
         fds = parse_ancillary(ancdata) if ancdata else []

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import stat
-import tempfile
+import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, Union
@@ -24,7 +24,14 @@ from ._message import Limits
 from ._stream import FdStream
 from ._writer import DEFAULT_CLOSE_TIMEOUT
 
-__all__ = ["FdListener", "connect", "connect_stream", "listen"]
+__all__ = [
+    "FdListener",
+    "bind_socket_path",
+    "clear_socket_path",
+    "connect",
+    "connect_stream",
+    "listen",
+]
 
 logger = logging.getLogger("aiofdpass")
 
@@ -68,6 +75,12 @@ def _normalize(path: SocketPath) -> str | bytes:
     return os.fsdecode(p)
 
 
+def _file_name(path: SocketPath) -> str | None:
+    """Return the path naming a socket file, ``None`` for an abstract name."""
+    p = _normalize(path)
+    return p if isinstance(p, str) and not p.startswith("\0") else None
+
+
 # Shared with _datagram.py.
 SUN_PATH_MAX = _SUN_PATH_MAX
 normalize_path = _normalize
@@ -86,6 +99,35 @@ def unlink_if_same(path: str, identity: os.stat_result) -> None:
 
 def _describe(path: str | bytes) -> str:
     return repr(path)
+
+
+def _connect_error(path: str | bytes, exc: OSError) -> OSError:
+    """Return the error for a failed ``connect``, saying what is at ``path``."""
+    if exc.errno is None:  # "AF_UNIX path too long", from Python itself
+        return OSError(
+            errno.ENAMETOOLONG,
+            f"cannot connect to {_describe(path)}: {exc}; use a shorter file "
+            "name or path",
+        )
+    if exc.errno == errno.ECONNREFUSED and isinstance(path, str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                what = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+                return OSError(
+                    errno.ENOTSOCK,
+                    f"cannot connect to {_describe(path)}: it is {what}, not "
+                    "a socket; pass the path of the server's socket",
+                )
+        return ConnectionRefusedError(
+            errno.ECONNREFUSED,
+            f"cannot connect to {_describe(path)}: {exc.strerror} (a socket "
+            "file nobody listens on: is the server running?)",
+        )
+    return OSError(exc.errno, f"cannot connect to {_describe(path)}: {exc.strerror}")
 
 
 async def _connect_socket(
@@ -108,9 +150,7 @@ async def _connect_socket(
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
             except OSError as exc:
-                raise OSError(
-                    exc.errno, f"cannot connect to {_describe(p)}: {exc.strerror}"
-                ) from None
+                raise _connect_error(p, exc) from None
     except BaseException:
         sock.close()
         raise
@@ -138,10 +178,12 @@ async def connect(
     """
     sock = await _connect_socket(path, socket_type(kind))
     try:
-        return FdChannel(sock, limits=limits, close_timeout=close_timeout)
+        channel = FdChannel(sock, limits=limits, close_timeout=close_timeout)
     except BaseException:
         sock.close()
         raise
+    channel._remote_name = _file_name(path)
+    return channel
 
 
 async def connect_stream(path: SocketPath) -> FdStream:
@@ -151,10 +193,90 @@ async def connect_stream(path: SocketPath) -> FdStream:
     :raises FileNotFoundError: if nothing exists at ``path``.
     :raises ConnectionRefusedError: if nobody listens there.
     """
-    return FdStream(await _connect_socket(path))
+    stream = FdStream(await _connect_socket(path))
+    stream._remote_name = _file_name(path)
+    return stream
 
 
-def _is_live_socket(path: str) -> bool:
+# sock_diag (NETLINK_SOCK_DIAG) for AF_UNIX: which sockets are bound to which
+# file. Python names none of these constants.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_UDIAG_SHOW_VFS = 0x2
+_UNIX_DIAG_VFS = 1
+_NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
+# struct unix_diag_req: family, protocol, pad, states, ino, show, cookie[2]
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")
+_UNIX_DIAG_MSG_SIZE = 16  # struct unix_diag_msg
+_RTATTR = struct.Struct("=HH")
+_UNIX_DIAG_VFS_DATA = struct.Struct("=II")  # vfs inode, vfs dev (kernel dev_t)
+
+# The longest final name component that connect() can always reach in a
+# path too long for sun_path: "/proc/self/fd/" + up to 10 digits + "/" +
+# name + NUL must fit in 108 bytes.
+_MAX_LONG_PATH_NAME = _SUN_PATH_MAX - len("/proc/self/fd/") - 10 - 1 - 1
+
+
+def _bound_files() -> set[tuple[int, int]] | None:
+    """Return ``(st_dev, st_ino)`` of every file an AF_UNIX socket is bound to.
+
+    Asks the kernel (sock_diag, ``UNIX_DIAG_VFS``) about the sockets of this
+    network namespace, whatever their type or state and whoever owns them;
+    nobody is connected to. ``None`` if the kernel cannot tell (no
+    ``unix_diag``).
+    """
+    request = _UNIX_DIAG_REQ.pack(
+        socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, _UDIAG_SHOW_VFS, 0xFFFFFFFF, 0xFFFFFFFF
+    )
+    header = _NLMSG.pack(
+        _NLMSG.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+    )
+    found: set[tuple[int, int]] = set()
+    try:
+        with socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
+        ) as nl:
+            nl.sendall(header + request)
+            while True:
+                data = nl.recv(65536)
+                off = 0
+                while off + _NLMSG.size <= len(data):
+                    length, kind = _NLMSG.unpack_from(data, off)[:2]
+                    if kind == _NLMSG_DONE:
+                        return found
+                    if kind == _NLMSG_ERROR or length < _NLMSG.size:
+                        return None
+                    attr = off + _NLMSG.size + _UNIX_DIAG_MSG_SIZE
+                    while attr + _RTATTR.size <= off + length:
+                        attr_len, attr_kind = _RTATTR.unpack_from(data, attr)
+                        if attr_len < _RTATTR.size:
+                            break
+                        if attr_kind == _UNIX_DIAG_VFS:
+                            ino, dev = _UNIX_DIAG_VFS_DATA.unpack_from(data, attr + 4)
+                            found.add((os.makedev(dev >> 20, dev & 0xFFFFF), ino))
+                        attr += (attr_len + 3) & ~3
+                    off += (length + 3) & ~3
+    except OSError:  # pragma: no cover - a kernel without unix_diag
+        return None
+
+
+def _in_use(path: str, st: os.stat_result) -> bool:
+    """Whether a socket still owns the socket file ``path`` (``st``).
+
+    First asks the kernel which sockets are bound to which files, connecting
+    to nobody. Only if no socket of this network namespace holds the file
+    (or the kernel cannot tell) does it try to connect: a server in another
+    namespace then sees one connection that closes at once. Connection
+    refused, or a file that vanished, means stale; a live socket of another
+    type (``EPROTOTYPE``) or a full backlog means alive; any other error is
+    raised, since the file might be someone's live socket.
+    """
+    held = _bound_files()
+    if held is not None and (st.st_dev, st.st_ino) in held:
+        return True
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
@@ -163,51 +285,126 @@ def _is_live_socket(path: str) -> bool:
     except BlockingIOError:
         return True  # alive, backlog full
     except OSError as exc:
-        return exc.errno == errno.EPROTOTYPE  # alive, another socket type
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        if exc.errno == errno.EPROTOTYPE:
+            return True  # a live socket of another type
+        raise OSError(
+            exc.errno,
+            f"cannot tell whether the socket {path!r} is in use: connecting to "
+            f"it failed ({exc.strerror or exc}), so it was left alone. If no "
+            "server owns it, remove it yourself; or choose another path",
+        ) from None
     else:
         return True
     finally:
         probe.close()
 
 
-def _bind_file(sock: socket.socket, path: str, mode: int) -> os.stat_result:
-    """Bind ``sock`` at ``path`` with ``mode``, never more open than that.
+def clear_socket_path(path: str) -> None:
+    """Make ``path`` free to bind: remove a stale socket file, refuse all else.
 
-    The socket is bound inside a fresh private directory (0700), given its
-    mode there, then hard-linked into place: the path never exists with
-    looser permissions, and ``link`` fails rather than replace anything that
-    appeared at ``path`` in the meantime. Works with threads (no umask).
+    Nothing at ``path``: nothing to do. A socket file that no socket owns
+    any more (its server died) is removed. Anything else is left alone and
+    refused: a live socket of any type (``EADDRINUSE``), a file that is not
+    a socket (a symlink included, never followed), or a socket whose state
+    cannot be told (``EACCES`` from another user's socket, for one).
+
+    :raises FileExistsError: if ``path`` is not a socket.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there, or the error
+        that kept the check from telling.
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(
-                errno.EEXIST,
-                f"{path!r} exists and is not a socket; refusing to replace it. "
-                "Remove it yourself or choose another path",
-            )
-        if _is_live_socket(path):
-            raise OSError(
-                errno.EADDRINUSE,
-                f"another process is listening on {path!r}; stop it or choose "
-                "another path",
-            )
-        os.unlink(path)  # a stale socket left by a process that died
-    tmpdir = tempfile.mkdtemp(prefix=".afd", dir=os.path.dirname(path) or ".")
-    tmp = os.path.join(tmpdir, "s")
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{path!r} exists and is not a socket; refusing to replace it. "
+            "Remove it yourself or choose another path",
+        )
+    if _in_use(path, st):
+        raise OSError(
+            errno.EADDRINUSE,
+            f"another process is listening on {path!r} (a socket is bound to "
+            "it); stop it or choose another path",
+        )
     try:
-        with _sun_path(tmp) as name:
-            sock.bind(name)
-        os.chmod(tmp, mode)
-        os.link(tmp, path)
+        again = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino):
+        os.unlink(path)  # a stale socket left by a process that died
+    else:
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{path!r} was replaced while it was checked; try again",
+        )
+
+
+def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_result:
+    """Bind ``sock`` (any AF_UNIX type) to the file ``path`` with ``mode``.
+
+    A stale socket file there is replaced (see :func:`clear_socket_path`).
+    The socket is given ``mode`` before ``bind``, and Linux creates the file
+    with the socket's mode minus the umask: so the file never exists with a
+    looser mode, and no process-wide umask is changed (threads are safe).
+    Bits the umask took away are given back afterwards, through a
+    descriptor of that very file (never through a symlink). The kernel's
+    name for the socket is ``path`` itself (``getsockname``, the peer's
+    ``getpeername``), or ``/proc/self/fd/N/<name>`` for a path too long for
+    ``sun_path``. Returns the file's ``stat``.
+
+    :raises OSError: ``ENAMETOOLONG`` if no process could reach ``path``
+        with ``connect``.
+    :raises FileNotFoundError: if the directory does not exist.
+    :raises FileExistsError: if ``path`` is not a socket.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there.
+    """
+    directory, name = os.path.split(path)
+    if (
+        len(os.fsencode(path)) >= _SUN_PATH_MAX
+        and len(os.fsencode(name)) > _MAX_LONG_PATH_NAME
+    ):
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"cannot listen on {path!r}: the path is over {_SUN_PATH_MAX - 1} "
+            f"bytes and its file name over {_MAX_LONG_PATH_NAME} bytes, so "
+            "connect() could not reach it (AF_UNIX path too long). Choose a "
+            "shorter file name or a shorter path",
+        )
+    clear_socket_path(path)
+    os.fchmod(sock.fileno(), mode)
+    try:
+        with _sun_path(path) as sun_name:
+            sock.bind(sun_name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"cannot listen on {path!r}: the directory "
+            f"{directory or '.'!r} does not exist; create it first",
+        ) from None
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(
+            errno.EADDRINUSE,
+            f"something appeared at {path!r} while listen() was binding there; "
+            "it was left alone. Try again or choose another path",
+        ) from None
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != mode and stat.S_ISSOCK(st.st_mode):
+            # The umask took bits away: widen to exactly ``mode`` through
+            # this descriptor (chmod of the path could follow a symlink that
+            # replaced it meanwhile).
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+            st = os.fstat(fd)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.rmdir(tmpdir)
-    return os.stat(path)
+        os.close(fd)
+    return st
 
 
 async def listen(
@@ -222,15 +419,22 @@ async def listen(
 ) -> FdListener:
     """Listen on a UNIX socket path and return an :class:`FdListener`.
 
-    A stale socket file (nobody listening) is replaced; a live one, or a
-    path that is not a socket (a symlink included), is never touched.
+    A stale socket file (no socket bound to it any more) is replaced; a
+    live one, of any socket type, or a path that is not a socket (a symlink
+    included), is never touched. Whether a socket file is live is asked of
+    the kernel (sock_diag), so a live server sees no connection from the
+    check; only a socket of another network namespace (or a kernel without
+    ``unix_diag``) is probed with a connection, which such a server sees
+    open and close at once. Connection refused means stale; an error that
+    cannot tell (``EACCES`` on another user's socket) refuses.
 
     The socket file never exists with a mode looser than ``mode``: the
-    socket is bound inside a fresh private (0700) directory next to
-    ``path``, given ``mode`` there, then hard-linked to ``path``. This is
-    safe with threads, unlike changing the process-wide umask around
-    ``bind``, and ``link`` refuses to replace a file that appeared at
-    ``path`` meanwhile.
+    socket is given ``mode`` before ``bind``, which makes the file with that
+    mode minus the umask; bits the umask removed are given back after. This
+    is safe with threads, unlike changing the process-wide umask around
+    ``bind``, and ``bind`` refuses to replace a file that appeared at
+    ``path`` meanwhile. The socket's name (``getsockname``, a client's
+    ``remote_address``) is ``path``.
 
     :param path: where to listen; a leading NUL byte means the abstract
         namespace (no file, ``mode`` does not apply).
@@ -243,20 +447,30 @@ async def listen(
     :param limits: record limits for every accepted channel.
     :param allow: who may connect: a collection of uids, or a function
         that takes the peer's :class:`PeerCredentials` and returns ``True``
-        to admit it (see :func:`same_user`). A refused peer is closed before
+        to admit it (see :func:`same_user`); only ``True`` admits, and an
+        ``async`` function is refused with ``TypeError`` (it cannot be
+        awaited at accept time). A refused peer is closed before
         a single byte or descriptor is read from it, the refusal is logged
         (logger ``"aiofdpass"``, level WARNING), and :meth:`FdListener.accept`
-        waits for the next connection. A policy that raises refuses. By
+        waits for the next connection. A policy that raises, or returns
+        anything but a ``bool``, refuses (logged at ERROR). By
         default everyone who can reach the socket may connect: the file mode
-        limits that for a path, but nothing does for an abstract name.
+        limits that for a path, but nothing does for an abstract name. A
+        policy sees credentials as of connect; to identify the peer process
+        without pid reuse, check :meth:`FdChannel.peer_pidfd` on the
+        accepted channel before reading from it.
     :param close_timeout: how long each accepted channel's ``aclose()``
         waits for queued records (:attr:`FdChannel.close_timeout`); this
         also bounds how long :meth:`FdListener.serve` lets a finished
         handler's records drain.
     :raises TypeError: if ``allow`` is neither a collection of ints nor
-        callable.
+        callable, or is an ``async`` function.
     :raises FileExistsError: if ``path`` exists and is not a socket.
-    :raises OSError: ``EADDRINUSE`` if a server is listening there.
+    :raises FileNotFoundError: if the directory of ``path`` does not exist.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there; the error
+        that kept listen from telling whether the socket there is live (it
+        is left alone); ``ENAMETOOLONG`` for a path over 107 bytes whose
+        file name is over 82 bytes (nobody could connect to it).
     """
     p = _normalize(path)
     policy = make_policy(allow)
@@ -265,7 +479,7 @@ async def listen(
     sock = socket.socket(socket.AF_UNIX, type_)
     try:
         if isinstance(p, str) and not p.startswith("\0"):
-            identity = _bind_file(sock, p, mode)
+            identity = bind_socket_path(sock, p, mode)
         else:
             sock.bind(p)
             identity = None
@@ -350,12 +564,15 @@ class FdListener(Listener[FdChannel]):
                     await checkpoint()  # a flood of refusals must not starve others
                     continue
                 try:
-                    return FdChannel(
+                    channel = FdChannel(
                         conn, limits=self._limits, close_timeout=self._close_timeout
                     )
                 except BaseException:
                     conn.close()
                     raise
+                if self._identity is not None:
+                    channel._local_name = self._path
+                return channel
 
     async def serve(
         self,
@@ -371,10 +588,12 @@ class FdListener(Listener[FdChannel]):
         exception from a handler is logged (logger ``"aiofdpass"``) and does
         not stop the server. Running out of descriptors (``EMFILE``) is
         logged and retried. Stop it by cancelling, or by closing the
-        listener (``serve`` then raises :class:`anyio.ClosedResourceError`).
+        listener (``serve`` then raises :class:`anyio.ClosedResourceError`
+        itself, never wrapped in an ``ExceptionGroup``).
 
         :param task_group: where to run the handlers; by default a task group
-            of its own, which waits for running handlers on the way out.
+            of its own, which waits for running handlers on the way out
+            (before the error that ended the loop is raised).
         :raises anyio.ClosedResourceError: once the listener is closed.
         :raises anyio.BusyResourceError: if another task is accepting.
         :raises OSError: if ``accept`` fails for a reason other than running
@@ -396,21 +615,30 @@ class FdListener(Listener[FdChannel]):
                 # on it) forever.
                 await channel.aclose()
 
+        # What ends the accept loop is raised once the task group is left:
+        # raised inside our own group, it would come out wrapped in an
+        # ExceptionGroup instead of the documented error.
+        error: Exception | None = None
         async with AsyncExitStack() as stack:
             if task_group is None:
                 task_group = await stack.enter_async_context(anyio.create_task_group())
-            while True:
+            while error is None:
                 try:
                     channel = await self.accept()
                 except OSError as exc:
                     if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                        raise
+                        error = exc
+                        continue
                     logger.warning(
                         "accept failed: %s; retrying in %ss", exc, _EMFILE_BACKOFF
                     )
                     await anyio.sleep(_EMFILE_BACKOFF)
                     continue
+                except Exception as exc:  # ClosedResourceError, BusyResourceError
+                    error = exc
+                    continue
                 task_group.start_soon(run, channel)
+        raise error
 
     async def aclose(self) -> None:
         """Stop listening and remove the socket file this listener created.
