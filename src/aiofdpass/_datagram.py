@@ -314,8 +314,8 @@ async def create_datagram_socket(
     and that is what receivers see and reply to). A path behaves as for
     :func:`listen` (the same code binds it): the file gets exactly ``mode``
     and is never looser at any moment, a stale socket file is replaced, a
-    live one or a non-socket never; :meth:`FdDatagramSocket.aclose` removes it. A leading
-    NUL byte means Linux's abstract namespace.
+    live one or a non-socket never; :meth:`FdDatagramSocket.aclose`
+    removes it. A leading NUL byte means Linux's abstract namespace.
 
     :param mode: permissions of the socket file (default ``0o600``: only
         this user may send to it).
