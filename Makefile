@@ -72,7 +72,7 @@ bench: $(STAMP)
 # Long runs for when the codec or the I/O layer changes (not part of `test`).
 FUZZ ?= 100
 fuzz: $(STAMP)
-	AIOFDPASS_FUZZ=$(FUZZ) $(PY) -m pytest -q -p no:cacheprovider tests/test_codec.py -k property
+	AIOFDPASS_FUZZ=$(FUZZ) $(PY) -m pytest -q -p no:cacheprovider tests/test_codec.py tests/test_stream.py -k property
 
 SOAK ?= 20
 soak: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import typing
 from typing import Any
 
 from aiofdpass import __version__
@@ -49,6 +50,9 @@ autodoc_default_options = {"show-inheritance": True}
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:(class|exc|obj)", r"anyio(\.abc)?\.\w+"),
+    (r"py:(class|meth)", r"anyio\.streams\.buffered\.[\w.]+"),
+    # What a listener's accept() returns; each listener's docstring names it.
+    (r"py:class", r"aiofdpass\._unix\.ConnectionT"),
     (r"py:class", r"collections\.abc\.\w+"),
     (r"py:class", r"socket\.socket|os\.PathLike|os\.stat_result"),
     (r"py:class", r"Buffer"),  # typing_extensions.Buffer, under TYPE_CHECKING
@@ -67,8 +71,20 @@ html_title = f"aiofdpass {release}"
 def _hide_private_bases(
     app: object, name: str, obj: object, options: object, bases: list[type]
 ) -> None:
-    """Show only public base classes (not aiofdpass._connection.Connection)."""
-    bases[:] = [b for b in bases if not b.__module__.startswith("aiofdpass._")]
+    """Show only public base classes (not aiofdpass._connection.Connection).
+
+    A private base that exists only to share code (aiofdpass._unix's
+    listener) is replaced by its own public bases.
+    """
+    shown: list[type] = []
+    for base in bases:
+        if not base.__module__.startswith("aiofdpass._"):
+            shown.append(base)
+        elif base.__name__.startswith("_"):
+            inner = list((typing.get_origin(base) or base).__bases__)
+            _hide_private_bases(app, name, obj, options, inner)
+            shown += inner
+    bases[:] = shown
 
 
 def setup(app: Any) -> None:

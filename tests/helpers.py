@@ -10,7 +10,7 @@ from contextlib import contextmanager, suppress
 
 from anyio.abc import SocketAttribute
 
-from aiofdpass import FdChannel
+from aiofdpass import FdChannel, FdStream
 from aiofdpass._codec import encode_header
 
 #: ``make fuzz`` sets this to run every property test this many times longer.
@@ -78,8 +78,8 @@ def backend_id(anyio_backend: object) -> str:
     return str(anyio_backend)
 
 
-def raw(chan: FdChannel) -> socket.socket:
-    """The channel's socket, to play a peer byte by byte."""
+def raw(chan: FdChannel | FdStream) -> socket.socket:
+    """The channel's (or stream's) socket, to play a peer byte by byte."""
     sock: socket.socket = chan.extra(SocketAttribute.raw_socket)
     return sock
 

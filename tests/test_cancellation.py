@@ -18,9 +18,10 @@ from collections import Counter
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
 
-from aiofdpass import FdChannel, Message, ProtocolError, channel_pair
+from aiofdpass import FdChannel, Message, ProtocolError, channel_pair, stream_pair
 
 from .helpers import identity, pipe, raw, small_buffers
 
@@ -124,6 +125,20 @@ def records(n: int, seed: int) -> list[tuple[bytes, int]]:
     return out
 
 
+async def arm(attempt: int, k: int, scope: anyio.CancelScope, tg: TaskGroup) -> None:
+    """Have ``scope`` cancelled after ``k`` yields, except on every third attempt.
+
+    The attempts left alone let an operation that needs more than ``k``
+    yields get through.
+    """
+    if attempt % 3 == 2:
+        return
+    if k < 0:
+        await cancel_after(k, scope)
+    else:
+        tg.start_soon(cancel_after, k, scope)
+
+
 async def one_cancelled_receiver(k: int, r: int) -> int:
     """Receive 30 records, cancelling two receives in three after ``k`` yields."""
     expected = records(30, seed=k)
@@ -141,14 +156,7 @@ async def one_cancelled_receiver(k: int, r: int) -> int:
         tg.start_soon(sender)
         for attempt in itertools.count():
             with anyio.CancelScope() as scope:
-                # Every third receive runs uncancelled, so a record that
-                # needs more than k yields still gets through.
-                if attempt % 3 == 2:
-                    pass
-                elif k < 0:
-                    await cancel_after(k, scope)
-                else:
-                    tg.start_soon(cancel_after, k, scope)
+                await arm(attempt, k, scope, tg)
                 try:
                     msg = await b.receive()
                 except anyio.EndOfStream:
@@ -248,3 +256,57 @@ async def test_many_senders_cancelled_at_random() -> None:
     # were cancelled varies. What must hold is above: received == returned.
     # test_cancel_send_at_every_await_point cancels at each point for sure.
     assert 0 < len(done) <= 500
+
+
+async def one_cancelled_stream_reader(k: int, r: int) -> int:
+    """Read 30 framed records off an FdStream, cancelling reads after ``k`` yields.
+
+    Each record is a line ``<length>`` read with ``receive_until``, then its
+    payload read with ``receive_exactly``; a cancelled read is tried again.
+    """
+    expected = records(30, seed=k)
+    a, b = stream_pair()
+    small_buffers(raw(a), raw(b))
+    payloads: list[bytes] = []
+    nfds = 0
+    cancellations = 0
+    async with a, b, anyio.create_task_group() as tg:
+
+        async def sender() -> None:
+            for data, n in expected:
+                await a.send([b"%d\n" % len(data), data], [r] * n)
+            await a.send_eof()
+
+        tg.start_soon(sender)
+        length: int | None = None
+        for attempt in itertools.count():
+            with anyio.CancelScope() as scope:
+                await arm(attempt, k, scope, tg)
+                try:
+                    if length is None:
+                        line, fds = await b.receive_until(b"\n", 100)
+                        length = int(line)
+                    else:
+                        data, fds = await b.receive_exactly(length)
+                        payloads.append(data)
+                        length = None
+                except anyio.IncompleteRead:
+                    break
+                assert all(identity(fd.fileno()) == identity(r) for fd in fds)
+                nfds += len(fds)
+                for fd in fds:
+                    fd.close()
+            cancellations += scope.cancelled_caught
+        assert b.queued_fds == 0
+    # Nothing lost, nothing duplicated, in order; every descriptor once.
+    assert payloads == [data for data, _ in expected]
+    assert nfds == sum(n for _, n in expected)
+    return cancellations
+
+
+async def test_cancel_stream_reads_at_every_await_point() -> None:
+    with pipe() as (r, _):
+        total = 0
+        for k in range(-1, 12):
+            total += await one_cancelled_stream_reader(k, r)
+    assert total > 50

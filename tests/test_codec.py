@@ -512,3 +512,39 @@ def test_property_corruption_is_a_protocol_error_never_a_leak(
         raise
     finally:
         os.close(null)
+
+
+@pytest.mark.parametrize(
+    ("first", "match"),
+    [
+        (b"\0", "bad magic b'\\\\x00'"),
+        (b"G", "bad magic b'G'"),
+        (b"FX", "bad magic b'FX'"),
+        (b"FD\x02", "unsupported protocol version 2"),
+        (b"FD\x01\x80", "flags 0x80"),
+    ],
+)
+def test_the_first_bytes_that_cannot_begin_a_header_fail_at_once(
+    pipe: tuple[int, int], first: bytes, match: str
+) -> None:
+    # A foreign peer may send a few bytes and wait for an answer: waiting
+    # for a whole header would hang, so a prefix that no header has fails.
+    dec = RecordDecoder(Limits())
+    fds = dup_fds(pipe[0], 1)
+    dec.feed(first, fds)
+    with pytest.raises(ProtocolError, match=match) as info:
+        dec.next_message()
+    if b"\x80" not in first:
+        assert "FdStream" in str(info.value)
+    assert all_closed(fds)
+
+
+@pytest.mark.parametrize("prefix", [b"F", b"FD", b"FD\x01", b"FD\x01\x00"])
+def test_a_valid_header_prefix_waits_for_the_rest(prefix: bytes) -> None:
+    dec = RecordDecoder(Limits())
+    whole = encode(b"payload", 0)
+    dec.feed(prefix)
+    assert dec.next_message() is None
+    dec.feed(whole[len(prefix) :])
+    [msg] = drain(dec)
+    assert msg.data == b"payload"

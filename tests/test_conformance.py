@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from anyio.abc import AsyncResource, ObjectStream, SocketAttribute
+from anyio.abc import ByteStream, ObjectStream, SocketAttribute
 from anyio.lowlevel import checkpoint
 
 from aiofdpass import Fd, FdChannel, FdStream, channel_pair, stream_pair
@@ -104,15 +104,33 @@ def close_all(fds: list[Fd]) -> None:
         fd.close()
 
 
-async def test_fdchannel_is_an_object_stream_and_fdstream_an_async_resource() -> None:
+async def test_fdchannel_is_an_object_stream_and_fdstream_a_byte_stream() -> None:
     # STYLE.md: implement anyio's ABCs where the shape fits, so our objects
-    # compose with anyio's tools (stapled streams, memory-stream bridges...).
+    # compose with anyio's tools (stapled streams, memory-stream bridges,
+    # BufferedByteReceiveStream...).
     async with connected(_channels) as (left, right):
         assert isinstance(left, ObjectStream)
         assert isinstance(right, ObjectStream)
     async with connected(_streams) as (s1, s2):
-        assert isinstance(s1, AsyncResource)
-        assert isinstance(s2, AsyncResource)
+        assert isinstance(s1, ByteStream)
+        assert isinstance(s2, ByteStream)
+
+
+async def test_a_byte_stream_receive_is_never_empty_and_async_for_ends_at_eof() -> None:
+    # ByteReceiveStream.receive: "Implementers of this interface should not
+    # return an empty bytes object"; ":raises ValueError: if max_bytes is less
+    # than 1"; iterating "will yield a byte string of arbitrary length, but no
+    # more than 65536 bytes", and ends at EndOfStream.
+    async with connected(_streams) as (left, right):
+        assert isinstance(left, FdStream) and isinstance(right, FdStream)
+        with pytest.raises(ValueError, match="max_bytes"):
+            await right.receive(0)
+        await left.send(b"x" * 100_000)
+        await left.send(b"end")
+        await left.send_eof()
+        chunks = [chunk async for chunk in right]
+        assert all(0 < len(chunk) <= 65536 for chunk in chunks)
+        assert b"".join(chunks) == b"x" * 100_000 + b"end"
 
 
 async def test_records_and_fds_flow_both_ways_in_order(make_pair: Maker) -> None:

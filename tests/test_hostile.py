@@ -192,6 +192,32 @@ async def test_more_fds_than_announced_on_a_live_connection(probe: Probe) -> Non
         assert probe.released()
 
 
+@pytest.mark.parametrize(
+    ("first", "match"),
+    [
+        (b"\0", "bad magic"),  # IO::FDPass, APUE's send_fd: one NUL byte
+        (b"FD\x07", "unsupported protocol version 7"),
+    ],
+    ids=["one-nul-byte", "version-in-a-fragment"],
+)
+async def test_a_foreign_peer_fails_at_its_first_bytes_not_at_a_whole_header(
+    probe: Probe, first: bytes, match: str
+) -> None:
+    # The peer sends fewer bytes than a header and waits for an answer (it
+    # keeps its end open): receive() must not wait for a header that will
+    # never come, and must point at FdStream, the layer for such peers.
+    a, b = channel_pair()
+    async with a, b:
+        socket.send_fds(raw(a), [first], probe.copies(1))
+        probe.drop_mine()
+        with anyio.fail_after(10), pytest.raises(ProtocolError, match=match) as info:
+            await b.receive()
+        assert "FdStream" in str(info.value)
+        assert probe.released()
+        with pytest.raises(anyio.BrokenResourceError):
+            await b.receive()
+
+
 async def test_fds_sent_with_no_bytes_are_dropped_by_the_kernel(
     probe: Probe,
 ) -> None:

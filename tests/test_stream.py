@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import ByteStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import aiofdpass
-from aiofdpass import FdStream, LimitError, stream_pair
+from aiofdpass import Fd, FdStream, LimitError, stream_pair
 
-from .helpers import identity, pipe
+from .helpers import examples, identity, pipe, raw
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +115,438 @@ async def test_stream_close_and_busy() -> None:
             await b.aclose()
         with pytest.raises(anyio.ClosedResourceError):
             await b.receive_with_fds()
+
+
+@contextmanager
+def memfds(n: int) -> Iterator[list[int]]:
+    """``n`` distinct open files (memfds), closed on the way out."""
+    fds = [os.memfd_create(f"fd{i}", os.MFD_CLOEXEC) for i in range(n)]
+    try:
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def ids(fds: list[Fd], files: list[int]) -> list[int]:
+    """Which of ``files`` each received descriptor is (its index), closing them."""
+    known = [identity(f) for f in files]
+    out = [known.index(identity(fd.fileno())) for fd in fds]
+    for fd in fds:
+        fd.close()
+    return out
+
+
+async def test_fdstream_is_an_anyio_byte_stream() -> None:
+    a, b = stream_pair()
+    async with a, b:
+        assert isinstance(a, ByteStream)
+        await a.send(b"bytes")
+        assert await b.receive() == b"bytes"
+        with pytest.raises(ValueError, match="max_bytes"):
+            await b.receive(0)
+
+
+async def test_receive_returns_bytes_and_queues_the_fds() -> None:
+    a, b = stream_pair()
+    with memfds(3) as files:
+        async with a, b:
+            await a.send(b"abc", files[:2])
+            await a.send(b"def", files[2:])
+            assert await b.receive(2) == b"ab"
+            assert b.queued_fds == 2
+            # The kernel glues the rest of the first send to the second.
+            assert await b.receive() == b"cdef"
+            assert b.queued_fds == 3
+            assert ids(b.take_fds(1), files) == [0]
+            assert ids(b.take_fds(5), files) == [1, 2]  # at most what is queued
+            assert b.take_fds() == []
+            assert b.queued_fds == 0
+            with pytest.raises(ValueError, match="0 or more"):
+                b.take_fds(-1)
+            with pytest.raises(TypeError, match="int or None"):
+                b.take_fds(True)
+
+
+async def test_buffered_bytes_come_first_without_a_read() -> None:
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            await a.send(b"ab;cd", files[:1])
+            data, fds = await b.receive_until(b";", 100)  # reads all five
+            assert (data, ids(fds, files)) == (b"ab", [0])
+            await a.send(b"ef", files[1:])
+            assert await b.receive() == b"cd"
+            assert b.queued_fds == 0  # nothing was read for it
+            assert await b.receive() == b"ef"
+            assert ids(b.take_fds(), files) == [1]
+
+
+async def test_buffered_byte_receive_stream_wraps_an_fdstream() -> None:
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, BufferedByteReceiveStream(b) as buffered:
+            await a.send(b"GET / HTTP/1.0\r\n")
+            await a.send(b"\x00\x00\x00\x05hello", files)
+            await a.send_eof()
+            assert await buffered.receive_until(b"\r\n", 100) == b"GET / HTTP/1.0"
+            size = int.from_bytes(await buffered.receive_exactly(4), "big")
+            assert await buffered.receive_exactly(size) == b"hello"
+            with pytest.raises(anyio.EndOfStream):
+                await buffered.receive()
+            # The descriptor waited in the stream's queue.
+            assert ids(b.take_fds(), files) == [0]
+        assert b.closed
+
+
+async def test_receive_exactly_across_chunk_boundaries() -> None:
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            await a.send(b"he")
+            await a.send(b"llo", files[:1])
+            await a.send(b"wor")
+            await a.send(b"ld", files[1:])
+            data, fds = await b.receive_exactly(7)
+            assert data == b"hellowo"
+            assert ids(fds, files) == [0]
+            data, fds = await b.receive_exactly(3)
+            assert data == b"rld"
+            assert ids(fds, files) == [1]
+            assert await b.receive_exactly(0) == (b"", [])
+            with pytest.raises(ValueError, match="nbytes"):
+                await b.receive_exactly(-1)
+            with pytest.raises(TypeError, match="nbytes must be an int"):
+                await b.receive_exactly(2.0)  # type: ignore[arg-type]
+
+
+async def test_byte_by_byte_arrival_with_a_descriptor_on_every_byte() -> None:
+    a, b = stream_pair()
+    with memfds(8) as files:
+        async with a, b:
+            for i, f in enumerate(files):
+                await a.send(bytes([i]), [f])
+            # Each call asks the kernel only for what it needs: exact.
+            for i in range(3):
+                data, fds = await b.receive_exactly(1)
+                assert data == bytes([i])
+                assert ids(fds, files) == [i]
+            data, fds = await b.receive_exactly(5)
+            assert data == bytes(range(3, 8))
+            assert ids(fds, files) == [3, 4, 5, 6, 7]
+
+
+async def test_a_descriptor_glued_to_earlier_bytes_comes_no_later() -> None:
+    # KERNEL-NOTES: send(b"plain"); send_fds(b"withfd") can come back as one
+    # read. receive_exactly asks for 5 bytes only, so it is exact; a reader
+    # that asks for more gets the descriptor with the earlier bytes.
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            for f in files:
+                await a.send(b"plain")
+                await a.send(b"withfd", [f])
+            assert await b.receive_exactly(5) == (b"plain", [])
+            data, fds = await b.receive_exactly(6)
+            assert (data, ids(fds, files)) == (b"withfd", [0])
+            data, fds = await b.receive_until(b"n", 100)
+            assert data == b"plai"  # the read brought b"plainwithfd" and its fd
+            assert ids(fds, files) == [1]
+            assert await b.receive_exactly(6) == (b"withfd", [])
+
+
+async def test_receive_until() -> None:
+    a, b = stream_pair()
+    with memfds(3) as files:
+        async with a, b:
+            await a.send(b"HEL")
+            await a.send(b"LO\r")
+            await a.send(b"\nline", files[:1])
+            await a.send(b"two\r")
+            await a.send(b"\n", files[1:2])  # rides on the delimiter
+            data, fds = await b.receive_until(b"\r\n", 100)
+            assert data == b"HELLO"
+            # The descriptor came with "\nline": a byte of the delimiter.
+            assert ids(fds, files) == [0]
+            data, fds = await b.receive_until(b"\r\n", 100)
+            assert data == b"linetwo"
+            assert ids(fds, files) == [1]
+            await a.send(b"x" * 10)
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 9)
+            await a.send(b";", files[2:])
+            data, fds = await b.receive_until(b";", 10)  # nothing was lost
+            assert data == b"x" * 10
+            assert ids(fds, files) == [2]
+            with pytest.raises(ValueError, match="delimiter"):
+                await b.receive_until(b"", 10)
+            with pytest.raises(TypeError, match="delimiter must be bytes"):
+                await b.receive_until(";", 10)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="max_bytes"):
+                await b.receive_until(b";", 0)
+
+
+async def test_eof_in_the_middle_of_an_exact_read_keeps_what_arrived() -> None:
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            # A read stops after the descriptors of one sendmsg: two reads.
+            await a.send(b"ab", files[:1])
+            await a.send(b"cde", files[1:])
+            await a.send_eof()
+            with pytest.raises(anyio.IncompleteRead, match="5 byte.*2 queued"):
+                await b.receive_exactly(12)
+            assert b.queued_fds == 2
+            # The second descriptor arrived with byte 2: it stays queued
+            # until a call returns byte 2.
+            data, fds = await b.receive_with_fds(2)
+            assert (data, ids(fds, files)) == (b"ab", [0])
+            assert b.queued_fds == 1
+            data, fds = await b.receive_with_fds()
+            assert (data, ids(fds, files)) == (b"cde", [1])
+            for _ in range(2):
+                with pytest.raises(anyio.EndOfStream):
+                    await b.receive_with_fds()
+                with pytest.raises(anyio.IncompleteRead):
+                    await b.receive_exactly(1)
+
+
+async def test_delimiter_not_found_and_eof_before_it_keep_everything() -> None:
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            await a.send(b"ab", files[:1])
+            await a.send(b"cde", files[1:])
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 4)
+            assert b.queued_fds == 2
+            data, fds = await b.receive_exactly(2)
+            assert (data, ids(fds, files)) == (b"ab", [0])
+            await a.send_eof()
+            with pytest.raises(anyio.IncompleteRead, match="delimiter b';'"):
+                await b.receive_until(b";", 100)
+            data, fds = await b.receive_exactly(3)
+            assert (data, ids(fds, files)) == (b"cde", [1])
+
+
+async def test_descriptors_sent_with_no_bytes_never_arrive() -> None:
+    # Linux drops descriptors that a sendmsg carries with no data (the
+    # sendmsg returns 0); FdStream.send refuses to send them that way.
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, b:
+            assert socket.send_fds(raw(a), [b""], files) == 0
+            with pytest.raises(ValueError, match="at least one byte"):
+                await a.send(b"", files)
+            await a.send(b"x")
+            await a.send_eof()
+            assert await b.receive_with_fds() == (b"x", [])
+            with pytest.raises(anyio.EndOfStream):
+                await b.receive()
+            assert b.queued_fds == 0
+
+
+async def test_aclose_closes_the_queued_descriptors() -> None:
+    a, b = stream_pair()
+    r, w = os.pipe()
+    try:
+        async with a:
+            await a.send(b"abc", [w], close_fds=True)
+            await b.receive()
+            assert b.queued_fds == 1
+            await b.aclose()
+            assert b.queued_fds == 0
+        # No copy of the write end is left anywhere: the pipe reads EOF.
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+
+
+async def test_a_cancelled_exact_read_loses_nothing() -> None:
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, b:
+            await a.send(b"head", files)
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def reader() -> None:
+                        await b.receive_exactly(10)
+
+                    tg.start_soon(reader)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            await a.send(b"-tail-")
+            data, fds = await b.receive_exactly(10)
+            assert (data, ids(fds, files)) == (b"head-tail-", [0])
+
+
+async def test_from_fd_takes_an_fd_only_on_success() -> None:
+    s1, s2 = socket.socketpair()
+    owned = Fd(s1.detach())
+    a = FdStream.from_fd(owned)
+    assert owned.closed  # taken: the stream owns the number now
+    async with a, FdStream.from_socket(s2) as b:
+        await a.send(b"x")
+        assert await b.receive() == b"x"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        refused = Fd(os.dup(dgram.fileno()))
+        with pytest.raises(ValueError, match="FdStream is a byte stream"):
+            FdStream.from_fd(refused)
+        assert not refused.closed  # still the caller's
+        os.fstat(refused.fileno())
+        refused.close()
+    closed = Fd(os.dup(0))
+    closed.close()
+    with pytest.raises(ValueError, match="closed or taken"):
+        FdStream.from_fd(closed)
+    with pytest.raises(TypeError, match="descriptor number or an Fd"):
+        FdStream.from_fd("3")  # type: ignore[arg-type]
+
+
+async def test_send_takes_a_list_of_buffers_and_names_its_parameter() -> None:
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, b:
+            await a.send([b"head", bytearray(b"-"), memoryview(b"body")], files)
+            await a.send((b"", b"!"))
+            data, fds = await b.receive_exactly(10)
+            assert (data, ids(fds, files)) == (b"head-body!", [0])
+            with pytest.raises(TypeError, match=r"send\(data\).*not str"):
+                await a.send(["text"])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match=r"send\(data\).*not int"):
+                await a.send(3)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="at least one byte"):
+                await a.send([b"", b""], files)
+            many = [b"%d," % i for i in range(2000)]  # over IOV_MAX (1024)
+            await a.send(many, files)
+            data, fds = await b.receive_exactly(len(b"".join(many)))
+            assert data == b"".join(many)
+            assert ids(fds, files) == [0]
+
+
+# -- the rule, as a property --------------------------------------------------
+
+#: A sendmsg (bytes, how many descriptors), or a receiving call and its size.
+Step = tuple[str, bytes, int]
+OPS = ("exactly", "until", "receive", "with_fds", "take")
+
+sends = st.tuples(
+    st.just("send"), st.text("ab;", max_size=20).map(str.encode), st.integers(0, 3)
+)
+calls = st.tuples(st.sampled_from(OPS), st.just(b""), st.integers(0, 40))
+
+
+@settings(
+    max_examples=examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(st.one_of(sends, calls), max_size=40),
+    delimiter=st.sampled_from([b";", b";a"]),
+)
+async def test_property_descriptors_come_with_the_first_byte_of_their_send(
+    steps: list[Step], delimiter: bytes
+) -> None:
+    """Random sends (descriptors on any byte) and random reads of every kind.
+
+    Always: the bytes come in order, every descriptor exactly once and in
+    order, and never later than the first call that returns a byte of its
+    sendmsg. While no call read more than it returned (no receive_until
+    yet), exactly then, and the queue holds exactly what the kernel handed
+    over.
+    """
+    ours, theirs = socket.socketpair()
+    stream = FdStream(theirs)
+    files: list[int] = []  # every descriptor sent, in order
+    starts: list[int] = []  # for each one that travels: its send's first byte
+    arriving: list[int] = []  # their indexes in `files`
+    sent = bytearray()
+    got = bytearray()
+    returned: list[int] = []  # indexes, in the order calls returned them
+    exact = True
+
+    def due(end: int) -> int:
+        """How many descriptors rode on a send that began before ``end``."""
+        return sum(1 for start in starts if start < end)
+
+    def check_returned(fds: list[Fd]) -> None:
+        new = ids(fds, files)
+        assert new == arriving[len(returned) : len(returned) + len(new)]
+        returned.extend(new)
+        # Never later: every descriptor of a send begun in what was returned.
+        assert len(returned) >= due(len(got))
+        if exact:
+            assert len(returned) == due(len(got))
+
+    try:
+        async with stream:
+            for kind, data, n in steps:
+                avail = bytes(sent[len(got) :])
+                if kind == "send":
+                    new = [os.memfd_create("f", os.MFD_CLOEXEC) for _ in range(n)]
+                    files.extend(new)
+                    assert socket.send_fds(ours, [data], new) == len(data)
+                    if data:  # with no bytes, Linux drops the descriptors
+                        starts.extend([len(sent)] * n)
+                        arriving.extend(range(len(files) - n, len(files)))
+                    sent += data
+                elif kind == "exactly" and n <= len(avail):
+                    chunk, fds = await stream.receive_exactly(n)
+                    assert chunk == avail[:n]
+                    got += chunk
+                    check_returned(fds)
+                elif kind == "until" and n >= 1:
+                    index = avail.find(delimiter)
+                    if 0 <= index <= n:
+                        chunk, fds = await stream.receive_until(delimiter, n)
+                        assert chunk == avail[:index]
+                        got += avail[: index + len(delimiter)]
+                        exact = False  # its reads may bring bytes after it
+                        check_returned(fds)
+                    elif len(avail) >= n + len(delimiter):
+                        with pytest.raises(anyio.DelimiterNotFound):
+                            await stream.receive_until(delimiter, n)
+                        exact = False
+                elif kind in ("receive", "with_fds") and n >= 1 and avail:
+                    if kind == "receive":
+                        chunk = await stream.receive(n)
+                    else:
+                        chunk, fds = await stream.receive_with_fds(n)
+                    assert 1 <= len(chunk) <= n
+                    assert chunk == avail[: len(chunk)]
+                    got += chunk
+                    if kind == "with_fds":
+                        check_returned(fds)
+                    elif exact:  # the kernel handed over what it returned
+                        assert stream.queued_fds == due(len(got)) - len(returned)
+                elif kind == "take":
+                    queued = stream.queued_fds
+                    taken = stream.take_fds(n)
+                    assert len(taken) == min(n, queued)
+                    new = ids(taken, files)
+                    assert new == arriving[len(returned) : len(returned) + len(new)]
+                    returned.extend(new)
+            # End of stream in the middle of an exact read keeps everything.
+            ours.shutdown(socket.SHUT_WR)
+            missing = len(sent) - len(got)
+            with pytest.raises(anyio.IncompleteRead):
+                await stream.receive_exactly(missing + 1)
+            assert stream.queued_fds == len(arriving) - len(returned)
+            exact = False  # that read brought bytes the calls below return
+            while True:
+                try:
+                    chunk, fds = await stream.receive_with_fds(7)
+                except anyio.EndOfStream:
+                    break
+                got += chunk
+                check_returned(fds)
+            check_returned(stream.take_fds())
+            assert got == sent
+            assert returned == arriving
+    finally:
+        ours.close()
+        for f in files:
+            os.close(f)

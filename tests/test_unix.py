@@ -12,10 +12,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute
+from anyio.abc import Listener, SocketAttribute
 
 import aiofdpass
-from aiofdpass import FdChannel, LimitError, Limits, ProtocolError
+from aiofdpass import FdChannel, FdStream, LimitError, Limits, ProtocolError
 
 from .helpers import identity, pipe
 
@@ -252,3 +252,104 @@ async def test_serve_closes_a_channel_whose_peer_never_reads(
         tg.cancel_scope.cancel()
     # ... and said how many records it dropped.
     assert re.search(r"dropped \d+ queued record", caplog.text)
+
+
+async def test_listen_stream_accepts_fdstreams_with_listens_guarantees(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a stale socket file is replaced
+    async with await aiofdpass.listen_stream(path, mode=0o640) as listener:
+        assert isinstance(listener, Listener)
+        assert listener.path == str(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        # A foreign front-end: plain sendmsg, one NUL byte and a descriptor.
+        with pipe() as (r, _), socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            socket.send_fds(client, [b"\0"], [r])
+            async with await listener.accept() as server:
+                assert isinstance(server, FdStream)
+                data, fds = await server.receive_exactly(1)
+                assert data == b"\0"
+                assert [identity(fd.fileno()) for fd in fds] == [identity(r)]
+                await server.send(b"ok", fds, close_fds=True)
+                client.setblocking(True)
+                msg, got, _, _ = socket.recv_fds(client, 10, 1)
+                assert msg == b"ok"
+                assert [identity(fd) for fd in got] == [identity(r)]
+                os.close(got[0])
+        for make in (aiofdpass.listen, aiofdpass.listen_stream):
+            with pytest.raises(OSError) as info:  # noqa: PT011
+                await make(path)
+            assert info.value.errno == errno.EADDRINUSE
+    assert not path.exists()  # aclose removed the file it created
+    regular = tmp_path / "regular"
+    regular.write_text("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await aiofdpass.listen_stream(regular)
+    assert regular.read_text() == "precious"
+
+
+async def test_listen_stream_refuses_peers_that_allow_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiofdpass")
+    path = tmp_path / "s.sock"
+    seen = []
+
+    def every_other(creds: aiofdpass.PeerCredentials) -> bool:
+        seen.append(creds)
+        return len(seen) % 2 == 0
+
+    with pipe() as (r, _):
+        async with await aiofdpass.listen_stream(path, allow=every_other) as listener:
+            first = await aiofdpass.connect_stream(path)
+            second = await aiofdpass.connect_stream(path)
+            async with first, second:
+                await first.send(b"first", [r])
+                await second.send(b"second")
+                async with await listener.accept() as server:
+                    assert await server.receive_exactly(6) == (b"second", [])
+                    assert server.queued_fds == 0
+                # The refused peer was closed unread.
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await first.receive()
+    assert len(seen) == 2
+    assert "refused a connection" in caplog.text
+
+
+async def test_listen_stream_serve_runs_handlers_and_closes_their_streams(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # serve() is FdListener's (tests above); here: it hands out FdStreams,
+    # logs a handler's error, and closes each stream after its handler.
+    path = tmp_path / "s.sock"
+
+    async def handler(stream: FdStream) -> None:
+        line, fds = await stream.receive_until(b"\n", 100)
+        if not fds:
+            raise RuntimeError(f"no descriptor with {line!r}")
+        await stream.send(line.upper(), fds, close_fds=True)
+
+    caplog.set_level(logging.ERROR, logger="aiofdpass")
+    async with (
+        await aiofdpass.listen_stream(path) as listener,
+        anyio.create_task_group() as tg,
+        await aiofdpass.connect_stream(path) as bare,
+        await aiofdpass.connect_stream(path) as client,
+    ):
+        tg.start_soon(listener.serve, handler)
+        await bare.send(b"bare\n")
+        with pipe() as (r, _):
+            await client.send(b"with a pipe\n", [r])
+            data, fds = await client.receive_exactly(11)
+            assert data == b"WITH A PIPE"
+            assert [identity(fd.fileno()) for fd in fds] == [identity(r)]
+            fds[0].close()
+        for end in (bare, client):
+            with pytest.raises(anyio.EndOfStream):
+                await end.receive()  # the handler returned: its stream is closed
+        tg.cancel_scope.cancel()
+    assert "no descriptor with b'bare'" in caplog.text

@@ -16,7 +16,14 @@ from ._fd import Fd
 from ._message import Limits, Message
 from ._process import CHANNEL_FD_ENV, channel_from_env, open_child_process
 from ._stream import FdStream, stream_pair
-from ._unix import FdListener, connect, connect_stream, listen
+from ._unix import (
+    FdListener,
+    FdStreamListener,
+    connect,
+    connect_stream,
+    listen,
+    listen_stream,
+)
 from ._version import __version__
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "FdPassAttribute",
     "FdPassError",
     "FdStream",
+    "FdStreamListener",
     "LimitError",
     "Limits",
     "Message",
@@ -42,6 +50,7 @@ __all__ = [
     "connect_stream",
     "create_datagram_socket",
     "listen",
+    "listen_stream",
     "open_child_process",
     "same_user",
     "stream_pair",

@@ -52,6 +52,12 @@ _FAST = struct.Struct("!4sHHI")
 _LEAD = b"FD\x01\x00"
 HEADER_SIZE = _HEADER.size  # 12
 
+# Said by every error that means "this peer speaks another protocol".
+_FOREIGN = (
+    " If the peer speaks a protocol of its own, talk to it with FdStream "
+    "(connect_stream(), listen_stream(), FdStream.from_socket()), not FdChannel"
+)
+
 #: How much a single read may bring in at least, when no record needs more.
 READ_SIZE = 64 * 1024
 
@@ -167,6 +173,10 @@ class RecordDecoder:
         header = self._header
         if header is None:
             if self._end - start < HEADER_SIZE:
+                if self._end > start and not _LEAD.startswith(
+                    self._buf[start : min(self._end, start + len(_LEAD))]
+                ):
+                    self._check_lead()  # raises: no valid header begins so
                 if len(self._fds) > SCM_MAX_FD:
                     self._check_unclaimed()
                 return None
@@ -294,21 +304,36 @@ class RecordDecoder:
                     "hold; the record and its descriptors were discarded"
                 )
 
+    def _check_lead(self) -> None:
+        """Fail if the bytes of a header that arrived so far cannot begin one.
+
+        Called as soon as the first bytes differ from magic, version and
+        flags, so a peer that speaks another protocol (and may wait for an
+        answer after a few bytes) fails at once instead of hanging.
+        """
+        lead = bytes(self._buf[self._start : min(self._end, self._start + 4)])
+        if not MAGIC.startswith(lead[:2]):
+            self._fail(
+                f"bad magic {lead[:2]!r} (expected {MAGIC!r}): the peer "
+                "does not speak the aiofdpass record protocol, or the stream "
+                f"lost its framing.{_FOREIGN}"
+            )
+        if len(lead) > 2 and lead[2] != VERSION:
+            self._fail(
+                f"unsupported protocol version {lead[2]} (this side speaks "
+                f"version {VERSION}); upgrade the older side.{_FOREIGN}"
+            )
+        if len(lead) > 3 and lead[3]:
+            self._fail(
+                f"header flags {lead[3]:#x} are not zero; the peer uses a "
+                "protocol extension this side does not know"
+            )
+
     def _parse_header(self) -> tuple[int, int]:
-        magic, version, flags, nfds, reserved, length = _HEADER.unpack_from(
+        self._check_lead()
+        _, _, flags, nfds, reserved, length = _HEADER.unpack_from(
             self._buf, self._start
         )
-        if magic != MAGIC:
-            self._fail(
-                f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): the peer "
-                "does not speak the aiofdpass record protocol, or the stream "
-                "lost its framing"
-            )
-        if version != VERSION:
-            self._fail(
-                f"unsupported protocol version {version} (this side speaks "
-                f"version {VERSION}); upgrade the older side"
-            )
         if flags or reserved:
             self._fail(
                 f"header flags {flags:#x} / reserved {reserved:#x} are not zero; "

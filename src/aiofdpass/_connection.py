@@ -30,32 +30,44 @@ T = TypeVar("T")
 logger = logging.getLogger("aiofdpass")
 
 
-def adopt_fd(fd: int, make: Callable[[socket.socket], T]) -> T:
-    """Return ``make(sock)`` for a socket wrapping descriptor number ``fd``.
+def adopt_fd(fd: int | Fd, make: Callable[[socket.socket], T]) -> T:
+    """Return ``make(sock)`` for a socket wrapping ``fd`` (a number or an `Fd`).
 
-    If ``make`` refuses the socket, the caller still owns ``fd``.
+    If ``make`` refuses the socket, the caller still owns ``fd``; an ``Fd``
+    is taken only once ``make`` succeeded.
     """
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"from_fd() takes a descriptor number, not {type(fd).__name__}")
+    if isinstance(fd, Fd):
+        number = fd.fileno()
+    elif isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(
+            f"from_fd() takes a descriptor number or an Fd, not {type(fd).__name__}"
+        )
+    else:
+        number = fd
     try:
-        sock = socket.socket(fileno=fd)
+        sock = socket.socket(fileno=number)
     except OSError as exc:
         what = "is not open" if exc.errno == errno.EBADF else "is not a socket"
         raise OSError(
             exc.errno,
-            f"from_fd({fd}): descriptor {fd} {what} ({exc.strerror}); pass a "
-            "connected AF_UNIX stream socket",
+            f"from_fd({number}): descriptor {number} {what} ({exc.strerror}); "
+            "pass a connected AF_UNIX stream socket",
         ) from None
     except (ValueError, OverflowError):
-        raise ValueError(f"from_fd({fd}): {fd} is not a descriptor number") from None
+        raise ValueError(
+            f"from_fd({number}): {number} is not a descriptor number"
+        ) from None
     try:
-        return make(sock)
+        made = make(sock)
     except ValueError as exc:
         sock.detach()  # the caller still owns the number
-        raise ValueError(f"from_fd({fd}): {exc}") from None
+        raise ValueError(f"from_fd({number}): {exc}") from None
     except BaseException:
         sock.detach()  # the caller still owns the number
         raise
+    if isinstance(fd, Fd):
+        fd.take()
+    return made
 
 
 def _check_timeout(value: float) -> float:

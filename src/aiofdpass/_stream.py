@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio import EndOfStream
-from anyio.abc import AsyncResource
+from anyio import DelimiterNotFound, EndOfStream, IncompleteRead
+from anyio.abc import ByteStream
 
 from ._connection import Connection, adopt_fd
 from ._convert import as_fd_list, close_sent, filenos_of
 from ._errors import LimitError
 from ._fd import Fd
+from ._inbox import Inbox
 from ._message import SCM_MAX_FD
 
 if TYPE_CHECKING:
@@ -21,21 +22,56 @@ if TYPE_CHECKING:
 
 __all__ = ["FdStream", "stream_pair"]
 
+# The most one read asks the kernel for: a peer's length field may be huge,
+# and the buffer grows only with what really arrives.
+_READ_CAP = 1024 * 1024
+# receive_until reads at most this much at a time past what it has.
+_UNTIL_READ = 64 * 1024
+# sendmsg takes at most IOV_MAX (1024) buffers; more are joined first.
+_MAX_BUFFERS = 64
 
-class FdStream(Connection, AsyncResource):
+
+class FdStream(Connection, ByteStream):
     """A byte stream over an AF_UNIX socket that carries descriptors too.
 
-    No framing: use it to talk to programs with a format of their own (for a
-    Wayland, D-Bus or custom peer). Descriptors arrive with the read that
-    returns the first byte of the ``sendmsg`` they were attached to, so a
-    protocol on top must say which bytes they belong to. Received
-    descriptors are returned as :class:`Fd` objects, never dropped.
+    No framing: use it to speak a protocol aiofdpass did not invent (APUE's
+    ``send_fd``, an nginx-style channel, vhost-user, D-Bus, Wayland...;
+    ``docs/foreign-protocols.md`` has worked recipes). It is an
+    :class:`anyio.abc.ByteStream`, so anyio's tools such as
+    :class:`~anyio.streams.buffered.BufferedByteReceiveStream` wrap it.
+
+    Which descriptors go with which bytes: on a stream socket the kernel
+    hands over the descriptors of one ``sendmsg`` with the read that returns
+    the first byte of that ``sendmsg``; that read may also return plain
+    bytes sent before it, and it does not say which byte they rode on. So
+    :meth:`receive_exactly`, :meth:`receive_until` and
+    :meth:`receive_with_fds` return, with their bytes, every queued
+    descriptor that arrived no later than the last of those bytes: a
+    descriptor comes with the first call that returns any byte of its
+    ``sendmsg``, never later, and earlier only if the kernel glued earlier
+    bytes to its read. :meth:`receive_exactly` asks the kernel for no more
+    than it needs, which makes it exact. Protocols that count their
+    descriptors in a header should take that many with :meth:`take_fds`.
+    :meth:`receive` returns bytes only and leaves the descriptors queued.
+    Nothing is ever dropped; :meth:`aclose` closes what is still queued.
+    Descriptors sent with no bytes at all never arrive: Linux drops them.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         """Adopt ``sock``; prefer :meth:`from_socket`, which documents this."""
+        if (
+            isinstance(sock, socket.socket)
+            and sock.fileno() >= 0
+            and sock.family == socket.AF_UNIX
+            and sock.type != socket.SOCK_STREAM
+        ):
+            raise ValueError(
+                f"FdStream is a byte stream and needs a SOCK_STREAM socket, not "
+                f"{sock.type!r}; make the socket with socket.SOCK_STREAM"
+            )
         super().__init__(sock)
         self._receive_guard = anyio.ResourceGuard("receiving from")
+        self._inbox = Inbox()
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:
@@ -46,36 +82,78 @@ class FdStream(Connection, AsyncResource):
         return cls(sock)
 
     @classmethod
-    def from_fd(cls, fd: int) -> Self:
-        """Adopt a connected AF_UNIX stream socket given by descriptor number.
+    def from_fd(cls, fd: int | Fd) -> Self:
+        """Adopt a connected AF_UNIX stream socket by number, or as an :class:`Fd`.
 
-        :raises TypeError: if ``fd`` is not an ``int``.
+        The stream owns the descriptor only once this returns (an ``Fd`` is
+        then taken); if it raises, the caller still owns it.
+
+        :raises TypeError: if ``fd`` is neither an ``int`` nor an ``Fd``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket;
-            the caller still owns ``fd``.
+        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket,
+            or the ``Fd`` is closed.
         """
         return adopt_fd(fd, cls)
 
+    @property
+    def queued_fds(self) -> int:
+        """How many received descriptors wait in the queue (see :meth:`take_fds`)."""
+        return self._inbox.queued_fds
+
+    def take_fds(self, n: int | None = None) -> list[Fd]:
+        """Take the oldest ``n`` queued descriptors, or all of them for ``None``.
+
+        Returns at most as many as are queued (:attr:`queued_fds`); the
+        caller owns them. Use it when the protocol says how many descriptors
+        a message carries, and check the count yourself: a missing
+        descriptor means the peer broke the protocol.
+
+        :raises TypeError: if ``n`` is neither an ``int`` nor ``None``.
+        :raises ValueError: if ``n`` is negative.
+        """
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"take_fds(n): n must be an int or None, not {n!r}")
+            if n < 0:
+                raise ValueError(f"take_fds(n): n must be 0 or more, got {n}")
+        return self._inbox.take_fds(n)
+
     async def send(
-        self, data: Buffer, fds: Iterable[object] = (), *, close_fds: bool = False
+        self,
+        data: Buffer | Sequence[Buffer],
+        fds: Iterable[object] = (),
+        *,
+        close_fds: bool = False,
     ) -> None:
         """Write all of ``data``; ``fds`` travel with its first byte.
 
+        ``data`` is a bytes-like object, or a sequence of them written one
+        after the other (a header and a payload, without joining them).
         Concurrent sends are serialised. See :meth:`FdChannel.send` for what
         ``fds`` may contain, ``close_fds``, and cancellation (a send
         cancelled after part of ``data`` was written breaks the stream).
 
+        :raises TypeError: if ``data`` is not bytes-like.
         :raises ValueError: if ``fds`` is given with empty ``data`` (the
             kernel silently drops descriptors sent with no bytes).
+        :raises LimitError: for more than 253 descriptors.
         :raises anyio.ClosedResourceError: after :meth:`aclose` or
             :meth:`send_eof`.
         :raises anyio.BrokenResourceError: if the connection failed.
         """
-        payload = memoryview(data).cast("B")
+        try:
+            views = [memoryview(data).cast("B")]  # type: ignore[arg-type]
+        except TypeError:
+            if not isinstance(data, Sequence):
+                raise _not_bytes(data) from None
+            views = [_byte_view(part) for part in data]
+        views = [view for view in views if view]
+        if len(views) > _MAX_BUFFERS:
+            views = [memoryview(b"".join(views))]
         objs = as_fd_list(fds)
         numbers = filenos_of(objs)
-        if numbers and not payload:
+        if numbers and not views:
             raise ValueError(
                 "descriptors need at least one byte of data to travel with: "
                 "the kernel silently drops descriptors sent with no bytes"
@@ -85,32 +163,196 @@ class FdStream(Connection, AsyncResource):
                 f"{len(numbers)} descriptors in one send, over the kernel's "
                 f"{SCM_MAX_FD} per sendmsg; split them. Nothing was sent"
             )
-        await self._writer.send_bytes([payload] if payload else [], numbers)
+        await self._writer.send_bytes(views, numbers)
         if close_fds:
             await close_sent(objs)
 
-    async def receive_with_fds(self, max_bytes: int = 65536) -> tuple[bytes, list[Fd]]:
-        """Read once: return up to ``max_bytes`` and the descriptors that came too.
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Return up to ``max_bytes`` bytes; their descriptors go to the queue.
 
-        :raises anyio.EndOfStream: when the peer closed its sending side.
+        Bytes already buffered (left by :meth:`receive_exactly` or
+        :meth:`receive_until`) come first, without a read; otherwise it
+        reads once. Never returns an empty ``bytes``. Take the descriptors
+        with :meth:`take_fds` (or with the next call that returns
+        descriptors). Cancellation loses nothing.
+
+        :raises ValueError: if ``max_bytes`` is under 1.
+        :raises anyio.EndOfStream: when the peer closed its sending side
+            and every byte was returned.
         :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
         """
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+        return self._inbox.take(await self._buffered(max_bytes))
+
+    async def receive_with_fds(self, max_bytes: int = 65536) -> tuple[bytes, list[Fd]]:
+        """Read once: return up to ``max_bytes`` and the descriptors that came too.
+
+        The descriptors are every queued one that arrived no later than the
+        last byte returned (see the class's rule), including those a
+        :meth:`receive` left queued. Bytes already buffered come first,
+        without a read.
+
+        :raises ValueError: if ``max_bytes`` is under 1.
+        :raises anyio.EndOfStream: when the peer closed its sending side
+            and every byte was returned.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises anyio.BusyResourceError: if another task is receiving.
+        :raises anyio.ClosedResourceError: after :meth:`aclose`.
+        :raises anyio.BrokenResourceError: after the stream broke.
+        """
+        return self._inbox.take_with_fds(await self._buffered(max_bytes))
+
+    async def receive_exactly(self, nbytes: int) -> tuple[bytes, list[Fd]]:
+        """Return exactly ``nbytes`` bytes and the descriptors that go with them.
+
+        The descriptors are every queued one that arrived no later than the
+        last of these bytes. Each read asks the kernel for no more than is
+        still missing, so a descriptor comes with the call that returns the
+        first byte of its ``sendmsg``. Cancellation loses nothing: what was
+        read stays buffered for the next call.
+
+        :raises ValueError: if ``nbytes`` is negative.
+        :raises anyio.IncompleteRead: if the peer closed before ``nbytes``
+            arrived; the bytes and descriptors that did arrive stay
+            available to :meth:`receive`, :meth:`receive_with_fds` and
+            :meth:`take_fds`.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises anyio.BusyResourceError: if another task is receiving.
+        :raises anyio.ClosedResourceError: after :meth:`aclose`.
+        :raises anyio.BrokenResourceError: after the stream broke.
+        """
+        _check_size("nbytes", nbytes, 0)
         with self._receive_guard:
-            await self._transport.enter().checkpoint()
-            self._transport.check_recv()
-            buf = bytearray(max_bytes)
-            with memoryview(buf) as view:
-                nbytes, numbers = await self._transport.recv_into(view)
-                fds = list(map(Fd._adopt, numbers))
-            if nbytes == 0:
-                raise EndOfStream
-            del buf[nbytes:]
-            return bytes(buf), fds
+            await self._enter()
+            inbox = self._inbox
+            while inbox.pending < nbytes:
+                try:
+                    await self._read(min(nbytes - inbox.pending, _READ_CAP))
+                except EndOfStream:
+                    raise self._incomplete(f"{nbytes} byte(s)") from None
+            return inbox.take_with_fds(nbytes)
+
+    async def receive_until(
+        self, delimiter: bytes, max_bytes: int
+    ) -> tuple[bytes, list[Fd]]:
+        """Return the bytes before ``delimiter``, and the descriptors that go with them.
+
+        The delimiter is consumed but not returned (as anyio's
+        :meth:`~anyio.streams.buffered.BufferedByteReceiveStream.receive_until`);
+        the descriptors are every queued one that arrived no later than the
+        delimiter's last byte. Reads may bring bytes after the delimiter;
+        they stay buffered, and a descriptor that arrived only with them
+        stays queued.
+
+        :param max_bytes: the most bytes that may come before the delimiter.
+        :raises ValueError: for an empty delimiter, or ``max_bytes`` under 1.
+        :raises anyio.DelimiterNotFound: if ``max_bytes`` bytes arrived and
+            the delimiter is not among them or right after them; nothing
+            is consumed.
+        :raises anyio.IncompleteRead: if the peer closed before the
+            delimiter; what arrived stays available, as for
+            :meth:`receive_exactly`.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises anyio.BusyResourceError: if another task is receiving.
+        :raises anyio.ClosedResourceError: after :meth:`aclose`.
+        :raises anyio.BrokenResourceError: after the stream broke.
+        """
+        if not isinstance(delimiter, bytes):
+            raise TypeError(f"the delimiter must be bytes, not {delimiter!r}")
+        if not delimiter:
+            raise ValueError("the delimiter must be at least one byte long")
+        _check_size("max_bytes", max_bytes, 1)
+        size = len(delimiter)
+        window = max_bytes + size
+        with self._receive_guard:
+            await self._enter()
+            inbox = self._inbox
+            searched = 0
+            while True:
+                index = inbox.find(delimiter, searched, window)
+                if index >= 0:
+                    return inbox.take_with_fds(index, size)
+                if inbox.pending >= window:
+                    raise DelimiterNotFound(max_bytes)
+                searched = max(inbox.pending - size + 1, 0)
+                try:
+                    await self._read(min(window - inbox.pending, _UNTIL_READ))
+                except EndOfStream:
+                    raise self._incomplete(f"the delimiter {delimiter!r}") from None
+
+    async def _buffered(self, max_bytes: int) -> int:
+        """Read once unless bytes are buffered; return how many to return (1+).
+
+        Nothing can happen between the return and the caller's take: no
+        await, so no other receiver and no cancellation.
+        """
+        _check_size("max_bytes", max_bytes, 1)
+        with self._receive_guard:
+            await self._enter()
+            if not self._inbox.pending:
+                await self._read(max_bytes)
+            return min(max_bytes, self._inbox.pending)
+
+    async def _enter(self) -> None:
+        transport = self._transport
+        await transport.enter().checkpoint()
+        transport.check_recv()
+
+    async def _read(self, size: int) -> None:
+        """Read once, at most ``size`` bytes, into the inbox.
+
+        :raises anyio.EndOfStream: at end of stream.
+        """
+        inbox = self._inbox
+        if inbox.eof:
+            raise EndOfStream
+        view = inbox.get_buffer(size)
+        try:
+            nbytes, numbers = await self._transport.recv_into(view)
+        finally:
+            view.release()
+        # No await since the read: the inbox owns the descriptors at once.
+        inbox.commit(nbytes, numbers)
+        if not nbytes:
+            inbox.eof = True
+            raise EndOfStream
+
+    def _incomplete(self, wanted: str) -> IncompleteRead:
+        inbox = self._inbox
+        exc = IncompleteRead()
+        exc.args = (
+            f"the peer closed the stream before {wanted} arrived; the "
+            f"{inbox.pending} byte(s) that did arrive stay available to "
+            f"receive() and receive_with_fds(), and {inbox.queued_fds} queued "
+            "descriptor(s) to take_fds()",
+        )
+        return exc
+
+    def _buffers_closer(self) -> Callable[[], None]:
+        return self._inbox.close
+
+
+def _check_size(name: str, value: int, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+def _byte_view(part: object) -> memoryview:
+    try:
+        return memoryview(part).cast("B")  # type: ignore[arg-type]
+    except TypeError:
+        raise _not_bytes(part) from None
+
+
+def _not_bytes(obj: object) -> TypeError:
+    return TypeError(
+        "send(data): data must be bytes-like (bytes, bytearray, a C-contiguous "
+        f"memoryview...) or a sequence of them, not {type(obj).__name__}"
+    )
 
 
 def stream_pair() -> tuple[FdStream, FdStream]:

@@ -11,7 +11,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack
-from typing import Any, NoReturn, Union
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, Union
 
 import anyio
 from anyio import ClosedResourceError
@@ -19,18 +19,24 @@ from anyio.abc import Listener, SocketAttribute, TaskGroup
 from anyio.lowlevel import checkpoint
 
 from ._channel import FdChannel, socket_type
+from ._connection import Connection
 from ._credentials import AllowPolicy, PeerCredentials, check_peer, make_policy
 from ._message import Limits
 from ._stream import FdStream
 from ._writer import DEFAULT_CLOSE_TIMEOUT
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
     "FdListener",
+    "FdStreamListener",
     "bind_socket_path",
     "clear_socket_path",
     "connect",
     "connect_stream",
     "listen",
+    "listen_stream",
 ]
 
 logger = logging.getLogger("aiofdpass")
@@ -38,6 +44,9 @@ logger = logging.getLogger("aiofdpass")
 #: A socket path: ``str``, ``bytes`` or ``os.PathLike``. A name that starts
 #: with a NUL byte is in Linux's abstract namespace (no file is created).
 SocketPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# What a listener's accept() returns.
+ConnectionT = TypeVar("ConnectionT", bound=Connection)
 
 # How long serve() waits before accepting again when out of descriptors.
 _EMFILE_BACKOFF = 0.1
@@ -498,12 +507,41 @@ async def listen(
     )
 
 
-class FdListener(Listener[FdChannel]):
-    """A listening UNIX socket that accepts :class:`FdChannel` connections.
+async def listen_stream(
+    path: SocketPath,
+    *,
+    mode: int = 0o600,
+    backlog: int = socket.SOMAXCONN,
+    allow: AllowPolicy | None = None,
+) -> FdStreamListener:
+    """Listen on a UNIX socket path for peers with a protocol of their own.
 
-    An :class:`anyio.abc.Listener`, made by :func:`listen`. Use it as an
-    async context manager, or call :meth:`aclose`, which also removes the
-    socket file it created.
+    The same as :func:`listen` (the socket file's mode, a stale socket
+    replaced and a live one refused, the ``allow`` policy checked before
+    anything is read, :meth:`~FdStreamListener.serve`), except that each
+    accepted connection is an unframed :class:`FdStream`: for a back-end
+    that a foreign front-end connects to (QEMU's vhost-user, for one).
+
+    :param path: as for :func:`listen`.
+    :param mode: as for :func:`listen`.
+    :param backlog: as for :func:`listen`.
+    :param allow: as for :func:`listen`.
+    :raises TypeError: if ``allow`` is neither a collection of ints nor
+        callable.
+    :raises FileExistsError: if ``path`` exists and is not a socket.
+    :raises OSError: ``EADDRINUSE`` if a server is listening there.
+    """
+    # listen() makes and guards the socket; only what accept() wraps differs.
+    return FdStreamListener._take_over(
+        await listen(path, mode=mode, backlog=backlog, allow=allow)
+    )
+
+
+class _UnixListener(Listener[ConnectionT]):
+    """A listening UNIX socket; subclasses say what :meth:`accept` returns.
+
+    An :class:`anyio.abc.Listener`. Use it as an async context manager, or
+    call :meth:`aclose`, which also removes the socket file it created.
     """
 
     def __init__(
@@ -525,13 +563,37 @@ class FdListener(Listener[FdChannel]):
         self._closed = False
         self._accept_guard = anyio.ResourceGuard("accepting connections from")
 
+    @classmethod
+    def _take_over(cls, other: _UnixListener[Any]) -> Self:
+        """Return a listener of this class on ``other``'s socket and file.
+
+        ``other`` is spent: its ``aclose()`` no longer touches them.
+        """
+        listener = cls(
+            other._sock,
+            path=other._path,
+            identity=other._identity,
+            limits=other._limits,
+            allow=other._allow,
+            close_timeout=other._close_timeout,
+        )
+        other._closed = True
+        return listener
+
+    def _wrap(self, conn: socket.socket) -> ConnectionT:
+        """Return the object that :meth:`accept` hands out for ``conn``."""
+        raise NotImplementedError
+
     @property
     def path(self) -> str | bytes:
         """The path this listener is bound to."""
         return self._path
 
-    async def accept(self) -> FdChannel:
-        """Wait for a connection and return it as an :class:`FdChannel`.
+    async def accept(self) -> ConnectionT:
+        """Wait for a connection and return it.
+
+        An :class:`FdChannel` from :func:`listen`'s listener, an
+        :class:`FdStream` from :func:`listen_stream`'s.
 
         Connections that the listener's ``allow`` policy refuses are closed
         unread and skipped.
@@ -564,27 +626,25 @@ class FdListener(Listener[FdChannel]):
                     await checkpoint()  # a flood of refusals must not starve others
                     continue
                 try:
-                    channel = FdChannel(
-                        conn, limits=self._limits, close_timeout=self._close_timeout
-                    )
+                    connection = self._wrap(conn)
                 except BaseException:
                     conn.close()
                     raise
                 if self._identity is not None:
-                    channel._local_name = self._path
-                return channel
+                    connection._local_name = self._path
+                return connection
 
     async def serve(
         self,
-        handler: Callable[[FdChannel], Awaitable[Any]],
+        handler: Callable[[ConnectionT], Awaitable[Any]],
         task_group: TaskGroup | None = None,
     ) -> NoReturn:
-        """Accept connections forever, running ``handler(channel)`` in a task each.
+        """Accept connections forever, running ``handler(connection)`` in a task each.
 
-        Each channel is closed when its handler returns or raises (records
-        it still queues get the channel's ``close_timeout``, by default 10
-        seconds, to be written; a peer that does not read them by then loses
-        them, and the loss is logged); an
+        Each connection (channel or stream) is closed when its handler
+        returns or raises (what it still queues gets its ``close_timeout``,
+        by default 10 seconds, to be written; a peer that does not read it by
+        then loses it, and the loss is logged); an
         exception from a handler is logged (logger ``"aiofdpass"``) and does
         not stop the server. Running out of descriptors (``EMFILE``) is
         logged and retried. Stop it by cancelling, or by closing the
@@ -600,7 +660,7 @@ class FdListener(Listener[FdChannel]):
             out of descriptors.
         """
 
-        async def run(channel: FdChannel) -> None:
+        async def run(channel: ConnectionT) -> None:
             try:
                 await handler(channel)
             except Exception:
@@ -667,3 +727,28 @@ class FdListener(Listener[FdChannel]):
             SocketAttribute.local_address: lambda: self._path,
             SocketAttribute.raw_socket: lambda: self._sock,
         }
+
+
+class FdListener(_UnixListener[FdChannel]):
+    """A listening UNIX socket that accepts :class:`FdChannel` connections.
+
+    An :class:`anyio.abc.Listener`, made by :func:`listen`. Use it as an
+    async context manager, or call :meth:`aclose`, which also removes the
+    socket file it created.
+    """
+
+    def _wrap(self, conn: socket.socket) -> FdChannel:
+        return FdChannel(conn, limits=self._limits, close_timeout=self._close_timeout)
+
+
+class FdStreamListener(_UnixListener[FdStream]):
+    """A listening UNIX socket that accepts unframed :class:`FdStream` connections.
+
+    An :class:`anyio.abc.Listener` made by :func:`listen_stream`, with
+    everything an :class:`FdListener` does: :meth:`accept` skips peers the
+    ``allow`` policy refuses, :meth:`serve` runs a handler per stream, and
+    :meth:`aclose` removes the socket file it created.
+    """
+
+    def _wrap(self, conn: socket.socket) -> FdStream:
+        return FdStream(conn)
