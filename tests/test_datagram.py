@@ -331,6 +331,12 @@ async def test_bad_arguments_and_the_small_api() -> None:
                 await s.send(b"two", [r, w], to=name)
             with pytest.raises(OSError, match="not open"):
                 await s.send(b"closed fd", [w + 1000], to=name)
+        room = s.extra(anyio.abc.SocketAttribute.raw_socket).getsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF
+        )
+        with pytest.raises(OSError) as info:  # noqa: PT011
+            await s.send(b"x" * (room - 31), to=name)  # over SO_SNDBUF less 32
+        assert info.value.errno == errno.EMSGSIZE
 
         async def second_receiver() -> None:
             with pytest.raises(anyio.BusyResourceError):
