@@ -111,10 +111,13 @@ async def test_large_record_is_one_packet() -> None:
     async with a, b:
         with pipe() as (r, _):
             await a.send(payload, [r] * 20)
+            await a.send(b"", [r] * 20)  # the direct path with no bytes
             await a.send(b"after")
             with await b.receive() as msg:
                 assert msg.data == payload
                 assert len(msg.fds) == 20
+            with await b.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"", 20)
             assert (await b.receive()).data == b"after"
 
 
