@@ -309,3 +309,23 @@ async def test_seqpacket_listener_keeps_allow_and_stale_socket_rules(
                 with pytest.raises(anyio.EndOfStream):
                     await client.receive()  # closed unread by the listener
             tg.cancel_scope.cancel()
+
+
+async def test_packets_sent_before_a_reset_are_delivered() -> None:
+    # The peer sends two records and closes without reading ours: Linux
+    # reports ECONNRESET once, before those two packets (a stream reports it
+    # after its data). Nothing the peer sent is lost; then end of stream.
+    chan, peer = packets_pair()
+    async with chan:
+        with pipe() as (r, _):
+            peer.send(b"one")
+            peer.sendmsg([b"two"], rights(r))
+            await chan.send(b"never read")
+            peer.close()
+            assert (await chan.receive()).data == b"one"
+            with await chan.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"two", 1)
+            with pytest.raises(anyio.EndOfStream):
+                await chan.receive()
+            with pytest.raises(anyio.BrokenResourceError):
+                await chan.send(b"to nobody")

@@ -443,7 +443,13 @@ class Transport:
         """
         sock = self.sock
         try:
-            length = sock.recv_into(_PEEK_BUF, 1, _PEEK_FLAGS)
+            try:
+                length = sock.recv_into(_PEEK_BUF, 1, _PEEK_FLAGS)
+            except ConnectionResetError:
+                # The peer closed with packets of ours unread. Linux says so
+                # once, and on a packet socket before the packets the peer
+                # sent (a stream says it after them): read on.
+                length = sock.recv_into(_PEEK_BUF, 1, _PEEK_FLAGS)
             if length > max_bytes:
                 sock.recvmsg_into([_PEEK_BUF], 0, 0)  # no control buffer
         except BlockingIOError:
@@ -460,8 +466,8 @@ class Transport:
             data, ancdata, flags, address = sock.recvmsg(
                 length, ANCILLARY_BUFSIZE, _CLOEXEC_FLAG
             )
-        except BlockingIOError:  # pragma: no cover - another reader took it
-            return None
+        except (BlockingIOError, ConnectionResetError):  # pragma: no cover
+            return None  # another reader took it, or a reset came meanwhile
         except OSError as exc:
             self._raise_translated(exc, "receive")
         fds = parse_ancillary(ancdata) if ancdata else []
