@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import gc
 import logging
+import os
 import re
 import resource
 import socket
@@ -737,7 +738,7 @@ async def deliver_packets() -> tuple[list[tuple[bytes, int]], list[tuple[bytes, 
     datagrams: list[tuple[bytes, int]] = []
     a, b = channel_pair(kind="seqpacket")
     small_buffers(raw(a))
-    name = f"\0aiofdpass-run-modes-{id(records)}"
+    name = f"\0aiofdpass-run-modes-{os.getpid()}-{id(records)}"
     receiver = await create_datagram_socket(name)
     sender = await create_datagram_socket()
     with pipe() as (r, _):
