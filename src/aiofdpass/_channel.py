@@ -281,9 +281,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises anyio.EndOfStream: when the peer closed between records (an
             ``async for`` loop ends there).
         :raises ProtocolError: if the peer broke the framing (including
-            closing inside a record); the channel is broken afterwards.
+            closing inside a record); a stream channel is broken afterwards.
         :raises DescriptorsLostError: if the kernel dropped descriptors
-            (``MSG_CTRUNC``); the channel is broken afterwards.
+            (``MSG_CTRUNC``); a stream channel is broken afterwards.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the channel broke.

@@ -16,7 +16,10 @@ written by the flush callback, which the loop runs on its next iteration,
 or earlier by a receive, or by ``send``'s own periodic yield. So a reply
 sent after a receive goes straight out, and the records a task sends one
 after another go out together, in one ``sendmsg`` per segment. Only the
-program's own sequence of calls, and the socket's room, decide this.
+program's own sequence of calls, and the socket's room, decide this. A
+packet socket (SOCK_SEQPACKET) never coalesces: one sendmsg is one packet,
+so each record is written at once when nothing is queued ahead of it, and
+its queue (``PacketOutbox``) holds one packet per entry.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
 takes before letting go (``_Exclusive``). A flush that finds the
