@@ -347,10 +347,11 @@ async def test_peer_pidfd_pins_the_connecting_process(tmp_path: Path) -> None:
                     await chan.send(b"bye")
                     assert await proc.wait() == 0
                     assert _pidfd_pid(pidfd) == -1  # gone, and nobody else
-        # A channel_pair's peer is the process that made the pair.
-        a, b = aiofdpass.channel_pair()
-        async with a, b:
-            with a.peer_pidfd() as mine:
-                assert _pidfd_pid(mine) == os.getpid()
-        with pytest.raises(anyio.ClosedResourceError):
-            a.peer_pidfd()
+        # A pair's peer is the process that made the pair (channels and
+        # streams alike).
+        for a, b in (aiofdpass.channel_pair(), aiofdpass.stream_pair()):
+            async with a, b:
+                with a.peer_pidfd() as mine:
+                    assert _pidfd_pid(mine) == os.getpid()
+            with pytest.raises(anyio.ClosedResourceError):
+                a.peer_pidfd()

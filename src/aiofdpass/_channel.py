@@ -102,8 +102,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         :param limits: the record limits, in both directions.
         :param close_timeout: how long :meth:`aclose` waits for queued
             records (:attr:`close_timeout`).
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` or
-            ``SOCK_SEQPACKET`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            or ``SOCK_SEQPACKET`` socket (a listening one included).
         """
         return cls(sock, limits=limits, close_timeout=close_timeout)
 
@@ -124,8 +124,9 @@ class FdChannel(Connection, ObjectStream[Message]):
         :raises TypeError: if ``fd`` is not an ``int``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` or
-            ``SOCK_SEQPACKET`` socket; the caller still owns ``fd``.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            or ``SOCK_SEQPACKET`` socket (a listening one included); the
+            caller still owns ``fd``.
         """
         return adopt_fd(
             fd, lambda sock: cls(sock, limits=limits, close_timeout=close_timeout)
@@ -186,8 +187,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         call when it never has to wait.
 
         :raises TypeError: if ``data`` is not bytes-like, ``fds`` is not a
-            list (``send(data, [fd])``, not ``send(data, fd)``) or an item of
-            it is not a descriptor.
+            list (``send(data, [fd])``, not ``send(data, fd)``; bytes or a
+            ``str`` are refused too) or an item of it is not a descriptor.
         :raises ValueError: for a number that is not a descriptor's
             (negative, or over ``2**31 - 1``), or for ``fds`` given together
             with a ``Message``; nothing sent, nothing duplicated.

@@ -164,8 +164,9 @@ class RecordDecoder:
     def next_message(self) -> Message | None:
         """Return the next complete record, or ``None`` if more input is needed.
 
-        :raises ProtocolError: if the peer broke the framing; the decoder has
-            then closed every descriptor it held.
+        :raises ProtocolError: if the peer broke the framing, or the copy of
+            a complete record does not fit in memory (``MemoryError``); the
+            decoder has then closed every descriptor it held.
         """
         if self._failed is not None:
             self._check_usable()
@@ -208,8 +209,16 @@ class RecordDecoder:
             # Small: a slice copy is cheaper than making a memoryview.
             data = bytes(self._buf[body : body + payload_length])
         else:
-            with memoryview(self._buf) as view:
-                data = bytes(view[body : body + payload_length])
+            try:
+                with memoryview(self._buf) as view:
+                    data = bytes(view[body : body + payload_length])
+            except MemoryError:
+                # The record is all here, but its copy does not fit.
+                self._fail(
+                    f"out of memory for a record of {payload_length} bytes: "
+                    "lower Limits.max_payload to what this process can hold "
+                    "twice; the record and its descriptors were discarded"
+                )
         if not nfds:
             numbers = None
         elif len(queue) == nfds:

@@ -85,13 +85,19 @@ def as_fd_list(fds: object) -> list[Any]:
     """Return ``fds`` (an iterable of descriptors) as a list.
 
     :raises TypeError: for a single descriptor (a number, or an object with
-        ``fileno()``: a file would otherwise be iterated line by line), or
-        anything not iterable, saying to pass a list.
+        ``fileno()``: a file would otherwise be iterated line by line),
+        bytes-like data or a string (its bytes would be taken for descriptor
+        numbers), or anything not iterable, saying to pass a list.
     """
     if isinstance(fds, int | _HasFileno | TypedAttributeProvider):
         raise TypeError(
             f"fds takes a list of descriptors, not one {type(fds).__name__}: "
             f"pass [{fds!r}]"
+        )
+    if isinstance(fds, str | bytes | bytearray | memoryview):
+        raise TypeError(
+            f"fds takes a list of descriptors, not {type(fds).__name__} "
+            f"{fds!r:.40}: data goes in the first argument, as one bytes object"
         )
     if not isinstance(fds, Iterable):
         raise TypeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -150,8 +151,12 @@ def make_policy(
     if allow is None:
         return None
     if callable(allow):
-        # An object whose __call__ is async is one too.
-        call = getattr(type(allow), "__call__", None)  # noqa: B004
+        # An object whose __call__ is async is one too, also inside a
+        # functools.partial (inspect sees through partials of functions only).
+        target: object = allow
+        while isinstance(target, functools.partial):
+            target = target.func
+        call = getattr(type(target), "__call__", None)  # noqa: B004
         if inspect.iscoroutinefunction(allow) or inspect.iscoroutinefunction(call):
             raise TypeError(
                 f"allow={allow!r} is an async function: its result (a coroutine) "

@@ -77,7 +77,8 @@ class FdStream(Connection, ByteStream):
     def from_socket(cls, sock: socket.socket) -> Self:
         """Adopt a connected AF_UNIX stream socket; the stream owns it now.
 
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included).
         """
         return cls(sock)
 
@@ -91,8 +92,8 @@ class FdStream(Connection, ByteStream):
         :raises TypeError: if ``fd`` is neither an ``int`` nor an ``Fd``.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
-        :raises ValueError: if it is not an AF_UNIX ``SOCK_STREAM`` socket,
-            or the ``Fd`` is closed.
+        :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
+            socket (a listening one included), or the ``Fd`` is closed.
         """
         return adopt_fd(fd, cls)
 

@@ -167,7 +167,8 @@ def check_unix_socket(sock: socket.socket, types: Sequence[int], advice: str) ->
     """Raise unless ``sock`` is an open AF_UNIX socket of one of ``types``.
 
     ``advice`` ends the ``ValueError`` for a socket of another type: what
-    the caller should use instead.
+    the caller should use instead. A stream or SEQPACKET socket must be
+    connected (not listening); a datagram socket need not be.
     """
     if not isinstance(sock, socket.socket):
         raise TypeError(
@@ -186,6 +187,22 @@ def check_unix_socket(sock: socket.socket, types: Sequence[int], advice: str) ->
             f"this needs an AF_UNIX {wanted} socket, not "
             f"{_KIND_NAMES.get(sock.type, repr(sock.type))}: {advice}"
         )
+    if sock.type == socket.SOCK_DGRAM:
+        return  # a datagram socket need not be connected
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ValueError(
+                "this socket is listening, not connected: adopt the "
+                "connections its accept() returns (or use aiofdpass.listen())"
+            ) from None
+        raise ValueError(
+            "this socket is not connected: connect it first (or use "
+            "aiofdpass.connect() or channel_pair())"
+        ) from None
 
 
 # The state of one direction of a transport. Sending can also be shut down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -118,25 +119,46 @@ def _connect_error(path: str | bytes, exc: OSError) -> OSError:
             f"cannot connect to {_describe(path)}: {exc}; use a shorter file "
             "name or path",
         )
-    if exc.errno == errno.ECONNREFUSED and isinstance(path, str):
-        try:
-            st = os.stat(path)
-        except OSError:
-            pass
+    if exc.errno == errno.ECONNREFUSED:
+        if path[:1] in ("\0", b"\0"):
+            what = "an abstract name nobody listens on"
         else:
-            if not stat.S_ISSOCK(st.st_mode):
-                what = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
-                return OSError(
-                    errno.ENOTSOCK,
-                    f"cannot connect to {_describe(path)}: it is {what}, not "
-                    "a socket; pass the path of the server's socket",
-                )
+            what = "a socket file nobody listens on"
+            try:
+                st = os.stat(path)
+            except OSError:
+                pass
+            else:
+                if not stat.S_ISSOCK(st.st_mode):
+                    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+                    return OSError(
+                        errno.ENOTSOCK,
+                        f"cannot connect to {_describe(path)}: it is {kind}, "
+                        "not a socket; pass the path of the server's socket",
+                    )
         return ConnectionRefusedError(
             errno.ECONNREFUSED,
-            f"cannot connect to {_describe(path)}: {exc.strerror} (a socket "
-            "file nobody listens on: is the server running?)",
+            f"cannot connect to {_describe(path)}: {exc.strerror} ({what}: is "
+            "the server running?)",
         )
     return OSError(exc.errno, f"cannot connect to {_describe(path)}: {exc.strerror}")
+
+
+def _bind_error(name: str | bytes, exc: OSError) -> OSError:
+    """Return the error for a failed ``bind`` to an abstract ``name``."""
+    if exc.errno is None:  # "AF_UNIX path too long", from Python itself
+        return OSError(
+            errno.ENAMETOOLONG,
+            f"cannot listen on {_describe(name)}: {exc}; abstract names are "
+            f"at most {_SUN_PATH_MAX - 1} bytes after the NUL",
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return OSError(
+            errno.EADDRINUSE,
+            f"cannot listen on {_describe(name)}: another socket has this "
+            "abstract name; stop it or choose another name",
+        )
+    return OSError(exc.errno, f"cannot listen on {_describe(name)}: {exc.strerror}")
 
 
 async def _connect_socket(
@@ -282,10 +304,25 @@ def _in_use(path: str, st: os.stat_result) -> bool:
     refused, or a file that vanished, means stale; a live socket of another
     type (``EPROTOTYPE``) or a full backlog means alive; any other error is
     raised, since the file might be someone's live socket.
+
+    sock_diag names the file by its superblock's device, which ``stat``
+    does not always report (btrfs; overlayfs over two filesystems): a socket
+    bound to the same inode number on another device counts as live too,
+    and is refused with an error that says so, never probed (the probe
+    would take a server between ``bind`` and ``listen`` for stale).
     """
     held = _bound_files()
-    if held is not None and (st.st_dev, st.st_ino) in held:
-        return True
+    if held is not None:
+        if (st.st_dev, st.st_ino) in held:
+            return True
+        if any(ino == st.st_ino for _, ino in held):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"a socket is bound to {path!r}, or to a file with the same "
+                "inode number on another filesystem (the kernel does not say "
+                "which, on btrfs or overlayfs); it was left alone. If no "
+                "server owns it, remove it yourself; or choose another path",
+            )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.setblocking(False)
@@ -352,6 +389,66 @@ def clear_socket_path(path: str) -> None:
         )
 
 
+def _bind_file_error(path: str, directory: str, exc: OSError) -> OSError:
+    """Return the error for a failed ``bind`` to the file ``path``."""
+    if exc.errno == errno.EADDRINUSE:
+        return OSError(
+            errno.EADDRINUSE,
+            f"something appeared at {path!r} while listen() was binding "
+            "there; it was left alone. Try again or choose another path",
+        )
+    if exc.errno == errno.ENOENT and not os.path.isdir(directory or "."):
+        return FileNotFoundError(
+            errno.ENOENT,
+            f"cannot listen on {path!r}: the directory "
+            f"{directory or '.'!r} does not exist; create it first",
+        )
+    # EACCES (the directory is not writable), EROFS, ...: the socket
+    # module's error names no path.
+    return OSError(exc.errno, f"cannot listen on {path!r}: {exc.strerror}")
+
+
+@contextlib.contextmanager
+def _replacing(directory: str, path: str) -> Iterator[None]:
+    """Hold ``directory``'s lock while a file at ``path`` may be replaced.
+
+    Replacing a stale socket is check, unlink, bind: two processes doing it
+    at once could each pass the check, and the later unlink would remove
+    the socket the other just bound, live. Whoever replaces holds an
+    exclusive ``flock`` on the directory meanwhile (advisory: every
+    ``listen`` takes it); one that finds it held refuses at once rather
+    than wait. Binding where nothing is needs no lock: ``bind`` itself
+    fails if a file appears. Where the directory cannot be opened or
+    locked (no read permission, a filesystem without ``flock``), the
+    replacement goes on unlocked.
+
+    :raises OSError: ``EADDRINUSE`` if another process holds the lock.
+    """
+    if not os.path.lexists(path):
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"cannot replace {path!r}: another process holds the lock on "
+                f"{directory!r} (as listen() does while it replaces a stale "
+                "socket there); try again",
+            ) from None
+        except OSError:
+            pass  # no flock here: unlocked, as before
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_result:
     """Bind ``sock`` (any AF_UNIX type) to the file ``path`` with ``mode``.
 
@@ -369,7 +466,9 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
         with ``connect``.
     :raises FileNotFoundError: if the directory does not exist.
     :raises FileExistsError: if ``path`` is not a socket.
-    :raises OSError: ``EADDRINUSE`` if a socket is bound there.
+    :raises OSError: ``EADDRINUSE`` if a socket is bound there, or another
+        process is replacing the stale socket there; any other error from
+        ``bind`` (``EACCES``), naming ``path``.
     """
     directory, name = os.path.split(path)
     if (
@@ -383,25 +482,14 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
             "connect() could not reach it (AF_UNIX path too long). Choose a "
             "shorter file name or a shorter path",
         )
-    clear_socket_path(path)
     os.fchmod(sock.fileno(), mode)
-    try:
-        with _sun_path(path) as sun_name:
-            sock.bind(sun_name)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"cannot listen on {path!r}: the directory "
-            f"{directory or '.'!r} does not exist; create it first",
-        ) from None
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise OSError(
-            errno.EADDRINUSE,
-            f"something appeared at {path!r} while listen() was binding there; "
-            "it was left alone. Try again or choose another path",
-        ) from None
+    with _replacing(directory or ".", path):
+        clear_socket_path(path)
+        try:
+            with _sun_path(path) as sun_name:
+                sock.bind(sun_name)
+        except OSError as exc:
+            raise _bind_file_error(path, directory, exc) from None
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -435,7 +523,10 @@ async def listen(
     check; only a socket of another network namespace (or a kernel without
     ``unix_diag``) is probed with a connection, which such a server sees
     open and close at once. Connection refused means stale; an error that
-    cannot tell (``EACCES`` on another user's socket) refuses.
+    cannot tell (``EACCES`` on another user's socket) refuses. A stale
+    socket is replaced under an exclusive ``flock`` of its directory, so two
+    ``listen`` calls never remove the socket the other just bound; one that
+    finds the lock held raises ``EADDRINUSE``.
 
     The socket file never exists with a mode looser than ``mode``: the
     socket is given ``mode`` before ``bind``, which makes the file with that
@@ -476,6 +567,8 @@ async def listen(
         callable, or is an ``async`` function.
     :raises FileExistsError: if ``path`` exists and is not a socket.
     :raises FileNotFoundError: if the directory of ``path`` does not exist.
+    :raises PermissionError: if this process may not make a file there; it
+        and every other error from ``bind`` name ``path``.
     :raises OSError: ``EADDRINUSE`` if a socket is bound there; the error
         that kept listen from telling whether the socket there is live (it
         is left alone); ``ENAMETOOLONG`` for a path over 107 bytes whose
@@ -490,7 +583,10 @@ async def listen(
         if isinstance(p, str) and not p.startswith("\0"):
             identity = bind_socket_path(sock, p, mode)
         else:
-            sock.bind(p)
+            try:
+                sock.bind(p)
+            except OSError as exc:
+                raise _bind_error(p, exc) from None
             identity = None
         sock.listen(backlog)
         sock.setblocking(False)
@@ -621,10 +717,16 @@ class _UnixListener(Listener[ConnectionT]):
                     if self._closed:
                         raise ClosedResourceError("this listener was closed") from None
                     raise
-                if self._allow is not None and not check_peer(conn, self._allow):
-                    conn.close()  # nothing was read: no byte, no descriptor
-                    await checkpoint()  # a flood of refusals must not starve others
-                    continue
+                if self._allow is not None:
+                    try:
+                        admitted = check_peer(conn, self._allow)
+                    except BaseException:  # KeyboardInterrupt, SystemExit in it
+                        conn.close()
+                        raise
+                    if not admitted:
+                        conn.close()  # nothing was read: no byte, no descriptor
+                        await checkpoint()  # a flood of refusals must not starve
+                        continue
                 try:
                     connection = self._wrap(conn)
                 except BaseException:

@@ -519,13 +519,22 @@ class Writer:
 
 
 def _duplicate(numbers: list[int]) -> list[int]:
-    """Return our own duplicates of ``numbers`` (close-on-exec)."""
+    """Return our own duplicates of ``numbers`` (close-on-exec).
+
+    :raises OSError: ``EBADF`` if one of ``numbers`` is not open (nothing
+        kept), ``EMFILE`` if this process is out of descriptors.
+    """
     owned: list[int] = []
     try:
         if len(numbers) == 1:
             return [os.dup(numbers[0])]
         for n in numbers:
             owned.append(os.dup(n))
+        # dup takes the lowest free number: a closed number in the list may
+        # have become one of our copies, and duplicating it copied ours (the
+        # record would carry another descriptor twice instead of failing).
+        if not set(owned).isdisjoint(numbers):
+            raise OSError(errno.EBADF, "a number in the list was free")
     except OSError as exc:
         for fd in owned:
             os.close(fd)
@@ -538,10 +547,11 @@ def _duplicate(numbers: list[int]) -> list[int]:
                 "peer catch up. Nothing was sent",
             ) from None
         if exc.errno == errno.EBADF:
+            closed = next((n for n in numbers if n in owned), None)
             raise OSError(
                 errno.EBADF,
-                f"descriptor {numbers[len(owned)]} is not open (was it closed "
-                "before send?); nothing was sent",
+                f"descriptor {numbers[len(owned)] if closed is None else closed} "
+                "is not open (was it closed before send?); nothing was sent",
             ) from None
         raise
     return owned
