@@ -221,6 +221,11 @@ async def test_kind_is_checked() -> None:
         channel_pair(kind="dgram")
     with pytest.raises(ValueError, match="'stream' or 'seqpacket'"):
         await aiofdpass.listen("\0aiofdpass-kind-test", kind="datagram")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listening:
+        listening.bind(f"\0aiofdpass-seqpacket-{os.getpid()}")
+        listening.listen()
+        with pytest.raises(ValueError, match="listening, not connected"):
+            FdChannel.from_socket(listening)
 
 
 async def test_a_packet_that_looks_like_a_header_is_just_data() -> None:
