@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 .PHONY: docs docs-code package
 .PHONY: fuzz soak
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,docs,package]'
+	$(PY) -m pip install --quiet --upgrade 'pip>=25.1'  # --group (PEP 735)
+	$(PY) -m pip install --quiet -e . --group test --group docs --group package \
+		--group bench
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,6 +41,7 @@ system-deps:
 unit: $(STAMP) system-deps
 	$(PY) -m coverage erase
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
+	$(PY) -m coverage combine --quiet  # the processes the tests started
 	$(PY) -m coverage report
 
 # The docs build is part of the test: a broken reference fails it.
@@ -67,7 +69,7 @@ package: $(STAMP)
 # A quick run does not overwrite the published results.
 BENCH_ARGS ?= $(if $(QUICK),,--json bench/results.json --plot bench/results.png)
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --group bench
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 # Long runs for when the codec or the I/O layer changes (not part of `test`).
 FUZZ ?= 100

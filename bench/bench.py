@@ -151,6 +151,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.replot:
+        if args.plot is None:
+            parser.error("--replot needs --plot PATH (where to draw the chart)")
         replot(args.replot, args.plot)
         return
     reps = args.reps or (1 if args.quick else 5)
@@ -297,24 +299,46 @@ def plot(summary: dict[str, Any], impls: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.8 / len(impls)
     workloads = list(summary)
     colors = plt.get_cmap("tab20").colors
-    for k, impl in enumerate(impls):
-        ratios = [summary[w].get(impl, {}).get("ratio") or 0 for w in workloads]
-        ax.bar(
-            [x + k * width for x in range(len(workloads))],
-            ratios,
-            width,
-            label=LABELS[impl],
-            color=colors[k % len(colors)],
-            hatch="//" if impl.startswith(("floor-", "base-")) else None,
-        )
+    color = {impl: colors[k % len(colors)] for k, impl in enumerate(impls)}
+    # Each workload gets a group of the bars it has (no gaps for the floors
+    # that exist for W2 and W4 only), centred on its tick.
+    group = 0.85
+    width = group / max(sum(impl in summary[w] for impl in impls) for w in workloads)
+    labelled: set[str] = set()
+    for x, w in enumerate(workloads):
+        present = [impl for impl in impls if impl in summary[w]]
+        left = x - width * (len(present) - 1) / 2
+        for k, impl in enumerate(present):
+            ax.bar(
+                left + k * width,
+                summary[w][impl].get("ratio") or 0,
+                width,
+                label=None if impl in labelled else LABELS[impl],
+                color=color[impl],
+                edgecolor="white",
+                linewidth=0.4,
+                hatch="//" if impl.startswith(("floor-", "base-")) else None,
+            )
+            labelled.add(impl)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(workloads))])
+    ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels([WORKLOADS[w][0] for w in workloads], fontsize=8)
     ax.set_ylabel("throughput / blocking stdlib loop (median)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # Outside the axes, so it never covers a bar; in the order of the table.
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(
+        range(len(labels)), key=lambda i: list(LABELS.values()).index(labels[i])
+    )
+    ax.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -4,11 +4,14 @@ The broker opens each device once (a pseudo-terminal from ``os.openpty()``
 stands in for a serial port, with a simulated instrument on the other side
 that answers ``ID?``), configures it, and sets ``TIOCEXCL`` so that nobody
 else can ``open()`` it. A client connects to the broker's UNIX socket and
-asks for a device by name. The broker checks who is asking with
-``SO_PEERCRED`` (the peer's pid and uid, from the kernel) and either sends
-the open descriptor, or an error record: the uid is not allowed, or another
-client holds the device (a lease lasts as long as the client's connection).
-A refused client always gets an answer, never a hang.
+asks for a device by name. The listener admits only the uids that may use
+some device (``listen(allow=...)``: anyone else is closed before a byte is
+read); for each request the broker checks who is asking with
+``channel.peer_credentials`` (the peer's pid and uid, recorded by the kernel
+at connect) and either sends the open descriptor, or an error record: the
+uid may not use that device, or another client holds it (a lease lasts as
+long as the client's connection). A refused client always gets an answer,
+never a hang.
 
 Why pass the fd instead of letting clients ``open()`` the device path: the
 client needs no permission on the device node (the broker's policy decides),
@@ -30,8 +33,6 @@ import errno
 import fcntl
 import json
 import os
-import socket
-import struct
 import sys
 import tempfile
 import termios
@@ -39,7 +40,7 @@ import tty
 from dataclasses import dataclass
 
 import anyio
-from anyio.abc import SocketAttribute, TaskStatus
+from anyio.abc import TaskStatus
 
 import aiofdpass
 
@@ -92,16 +93,6 @@ async def instrument(device: Device) -> None:
         os.write(device.instrument, answer.encode() + b"\n")
 
 
-def peer_credentials(channel: aiofdpass.FdChannel) -> tuple[int, int, int]:
-    """Return the peer's pid, uid and gid (``SO_PEERCRED``, as of connect)."""
-    sock = channel.extra(SocketAttribute.raw_socket)
-    creds = sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-    )
-    pid, uid, gid = struct.unpack("3i", creds)
-    return pid, uid, gid
-
-
 class Broker:
     """Lend devices to the clients that may use them, one client at a time."""
 
@@ -118,13 +109,22 @@ class Broker:
                 f"uid {uid} may not use {name} (allowed: {sorted(device.allowed_uids)})"
             )
         if device.holder is not None and device.holder is not channel:
-            pid = peer_credentials(device.holder)[0]
-            return f"{name} is busy: pid {pid} holds it"
+            return f"{name} is busy: pid {device.holder.peer_credentials.pid} holds it"
         return None
+
+    def admitted(self, peer: aiofdpass.PeerCredentials) -> bool:
+        """Admit a connection if its uid may use at least one device.
+
+        The listener calls this before it reads anything from the peer; a
+        refused peer is closed and the refusal logged. Which device a client
+        may use is decided per request, in :meth:`refusal`.
+        """
+        return any(peer.uid in device.allowed_uids for device in self.devices.values())
 
     async def handle(self, channel: aiofdpass.FdChannel) -> None:
         """Answer one client's requests; release what it held when it leaves."""
-        pid, uid, _ = peer_credentials(channel)
+        creds = channel.peer_credentials  # from the kernel, as of connect
+        pid, uid = creds.pid, creds.uid
         try:
             async for message in channel:
                 message.close()  # requests carry no descriptors
@@ -153,7 +153,7 @@ class Broker:
         """Run the instruments and accept clients on ``path`` until cancelled."""
         async with (
             anyio.create_task_group() as tg,
-            await aiofdpass.listen(path) as listener,
+            await aiofdpass.listen(path, allow=self.admitted) as listener,
         ):
             for device in self.devices.values():
                 tg.start_soon(instrument, device)

@@ -2,7 +2,10 @@
 
 Start a server with ``--serve CONTROL``. If a server already runs on that
 control socket, the new one connects to it and asks for its listening
-sockets; the old server sends them over the channel. The new server starts
+sockets; the old server sends them over the channel. Both check who is at
+the other end: the control socket admits only this user's processes
+(``listen(allow=same_user())``), and the new server takes sockets only from
+a server of its own user (``channel.peer_credentials``). The new server starts
 accepting on them and says so; the old one then stops accepting, closes its
 copies and its control socket, finishes its in-flight connections (for at
 most ``--drain`` seconds) and exits. The new server then listens on the
@@ -88,6 +91,14 @@ async def take_over(
         old = await aiofdpass.connect(control)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    # Take listening sockets only from a server run by our own user.
+    server = old.peer_credentials
+    if server.uid != os.geteuid():
+        await old.aclose()
+        raise SystemExit(
+            f"the server on {control} runs as uid {server.uid}, not {os.geteuid()}: "
+            "not taking its sockets; use another control path"
+        )
     await old.send(b"listeners, please")
     with await old.receive() as message:
         generation = json.loads(message.data)["generation"] + 1
@@ -99,7 +110,12 @@ async def hand_over(
 ) -> aiofdpass.FdChannel:
     """Wait for a successor; send it the listening sockets; return once it accepts."""
     while True:
+        # listen(allow=same_user()) admitted only this user's processes.
         successor = await control.accept()
+        say(
+            f"gen {generation}",
+            f"successor pid {successor.peer_credentials.pid} connected",
+        )
         try:
             await successor.receive()  # its request
             await successor.send(
@@ -145,7 +161,11 @@ async def serve(control: str, port: int, drain: float) -> None:
                     ) in old:  # it closes the channel once it stopped accepting
                         pass
                 await old.aclose()
-            async with await aiofdpass.listen(control) as control_listener:
+            # Only this user's processes may ask for the listening sockets:
+            # anyone else is closed before a byte is read (and it is logged).
+            async with await aiofdpass.listen(
+                control, allow=aiofdpass.same_user()
+            ) as control_listener:
                 ports = [sock.getsockname()[1] for sock in listeners]
                 say(me, f"serving on 127.0.0.1:{ports[0]}, control socket {control}")
                 with anyio.open_signal_receiver(

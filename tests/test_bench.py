@@ -54,3 +54,21 @@ def test_quick_bench_runs_every_implementation(tmp_path: Path) -> None:
         }
         assert all(s["median"] > 0 for s in impls.values())
         assert impls["stdlib"]["ratio"] == 1.0
+
+
+def test_replot_draws_the_chart_from_the_results_file(tmp_path: Path) -> None:
+    bench = str(ROOT / "bench" / "bench.py")
+    chart = tmp_path / "chart.png"
+    results = str(ROOT / "bench" / "results.json")
+    command = [sys.executable, bench, "--replot", results, "--plot", str(chart)]
+    subprocess.run(command, check=True, timeout=120)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run(
+        [sys.executable, bench, "--replot", results],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "--replot needs --plot" in missing.stderr

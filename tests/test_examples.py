@@ -41,7 +41,12 @@ EXPECTED = {
         "x: REFUSED: ENOENT",
     ],
     "shm_ring": ["shared memory ring: 8 MiB", "channel records: 8 MiB"],
-    "hot_restart": ["[gen 3 pid", "handed the listening socket over", "0 refused"],
+    "hot_restart": [
+        "[gen 3 pid",
+        "successor pid",
+        "handed the listening socket over",
+        "0 refused",
+    ],
     "systemd_restart": [
         "stored the listening socket as 'listener'",
         "with the fd store",

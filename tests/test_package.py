@@ -55,6 +55,12 @@ print(json.dumps({
     "classifiers": meta.get_all("Classifier"),
     "requires": meta.get_all("Requires-Dist"),
     "urls": meta.get_all("Project-URL"),
+    "extras": meta.get_all("Provides-Extra"),
+    "description": meta.get_payload(),
+    "entry_points": sorted(
+        (e.group, e.name, e.value)
+        for e in md.distribution("aiofdpass").entry_points
+    ),
     "smoke": anyio.run(main),
 }))
 """
@@ -123,5 +129,33 @@ def test_build_sdist_and_wheel_and_install_in_a_fresh_venv(tmp_path: Path) -> No
     runtime = [r for r in info["requires"] if "extra ==" not in r]
     assert len(runtime) == 1  # anyio only
     assert runtime[0].startswith("anyio")
-    assert any(u.startswith("Documentation, ") for u in info["urls"])
+    for version_ in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"Programming Language :: Python :: {version_}" in info["classifiers"]
+    # Users' extras only; the project's tools are dependency groups (PEP 735),
+    # which stay out of the published metadata.
+    assert sorted(info["extras"]) == ["trio", "uvloop"]
+    extras = sorted(
+        r.replace(" ", "").replace("'", '"') for r in info["requires"] if "extra" in r
+    )
+    assert extras == [
+        'trio>=0.27;extra=="trio"',
+        'uvloop>=0.21;extra=="uvloop"',
+    ]
+    assert info["urls"] is None  # no placeholder addresses
+    # The README renders outside the repository (on an index): no relative
+    # links to files that are not there.
+    description = info["description"]
+    assert "aiofdpass[trio]" in description
+    assert not re.findall(r"\]\((?!https?://)", description)
+    assert "example.invalid" not in description
+    assert info["entry_points"] == [
+        ["console_scripts", "aiofdpass", "aiofdpass._cli:main"],
+        ["pytest11", "aiofdpass", "aiofdpass.pytest_plugin"],
+    ]
     assert info["smoke"] == "through the wheel"
+    # The console script works from the fresh venv, outside the source tree.
+    assert run(venv / "bin" / "aiofdpass", "--version", cwd=tmp_path) == (
+        f"aiofdpass {version}\n"
+    )
+    listed = run(venv / "bin" / "aiofdpass", "inspect", "self", cwd=tmp_path)
+    assert listed.startswith("fd 0: ")

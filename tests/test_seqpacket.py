@@ -334,3 +334,29 @@ async def test_packets_sent_before_a_reset_are_delivered() -> None:
                 await chan.receive()
             with pytest.raises(anyio.BrokenResourceError):
                 await chan.send(b"to nobody")
+
+
+async def test_statistics_count_packets_without_a_header() -> None:
+    a, b = channel_pair(kind="seqpacket")
+    async with a, b:
+        with pipe() as (r, _):
+            await a.send(b"ab", [r])
+            await a.send(b"")
+            for _ in range(2):
+                (await b.receive()).close()
+        sent, got = a.statistics(), b.statistics()
+        assert (sent.records_sent, sent.bytes_sent, sent.fds_sent) == (2, 2, 1)
+        assert (got.records_received, got.bytes_received, got.fds_received) == (
+            2,
+            2,
+            1,
+        )
+    chan, peer = packets_pair(small=True)
+    with peer:
+        async with chan:
+            for _ in range(50):  # the peer never reads: most wait queued
+                await chan.send(b"x")
+            queued = chan.statistics()
+            assert queued.records_queued > 0
+            assert queued.bytes_queued == queued.records_queued  # 1 byte each
+            chan.close_timeout = 0

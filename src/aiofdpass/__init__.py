@@ -15,6 +15,7 @@ from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolErro
 from ._fd import Fd
 from ._message import Limits, Message
 from ._process import CHANNEL_FD_ENV, channel_from_env, open_child_process
+from ._statistics import ChannelStatistics, StreamStatistics
 from ._stream import FdStream, stream_pair
 from ._unix import (
     FdListener,
@@ -28,6 +29,7 @@ from ._version import __version__
 
 __all__ = [
     "CHANNEL_FD_ENV",
+    "ChannelStatistics",
     "Datagram",
     "DescriptorsLostError",
     "Fd",
@@ -43,6 +45,7 @@ __all__ = [
     "Message",
     "PeerCredentials",
     "ProtocolError",
+    "StreamStatistics",
     "__version__",
     "channel_from_env",
     "channel_pair",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -9,11 +10,12 @@ from typing import TYPE_CHECKING
 from anyio import BusyResourceError, EndOfStream
 from anyio.abc import ObjectStream
 
-from ._codec import MAGIC, VERSION, RecordDecoder, pack_header
+from ._codec import HEADER_SIZE, MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import as_fd_list, close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
 from ._message import Limits, Message
+from ._statistics import ChannelStatistics
 from ._transport import OPEN
 from ._writer import DEFAULT_CLOSE_TIMEOUT, DIRECT_BYTES, DIRECT_FDS
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from ._backend import Driver
 
 __all__ = ["FdChannel", "channel_pair", "socket_type"]
+
+logger = logging.getLogger("aiofdpass")
 
 _DEFAULT_LIMITS = Limits()
 # The kernel refuses a packet over SO_SNDBUF less this (EMSGSIZE).
@@ -69,6 +73,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._eof = False
         self._receiving = False
         self._receive_calls = 0
+        # statistics(): records received = receive calls that did not raise.
+        self._records_sent = self._receive_failures = 0
         # A broken channel closes the descriptors it received at once.
         self._transport.on_recv_break = self._decoder.close
         self._packets = self._transport.packets
@@ -249,13 +255,18 @@ class FdChannel(Connection, ObjectStream[Message]):
                     "making the channel. Nothing was sent"
                 )
             header = b""  # one packet, one record: no header
+            head = 0
         else:
             header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+            head = HEADER_SIZE
         writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
             await writer.send_direct(header, payload, numbers)
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
+        self._records_sent += 1
+        self._bytes_sent += head + nbytes
+        self._fds_sent += nfds
         if close_fds:
             if forwarded is not None:
                 close_forwarded(forwarded)
@@ -338,13 +349,21 @@ class FdChannel(Connection, ObjectStream[Message]):
                 # descriptors at once.
                 nbytes, fds = got
                 decoder.commit(nbytes, fds)
+                # Counted per read, not per record: a read carries many.
+                self._bytes_received += nbytes
+                if fds:
+                    self._fds_received += len(fds)
                 if nbytes == 0:
                     self._eof = True
+                    logger.debug("end of stream from the peer on %r", self)
                     try:
                         decoder.end_of_stream()
                     except ProtocolError as exc:
                         transport.break_all(exc, "the peer closed inside a record")
                         raise
+        except BaseException:
+            self._receive_failures += 1  # (no cost on the path that returns)
+            raise
         finally:
             self._receiving = False
 
@@ -357,8 +376,38 @@ class FdChannel(Connection, ObjectStream[Message]):
             packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
         if not packet.control and not packet.data:
             self._eof = True  # no credentials: not a packet, the end
+            logger.debug("end of stream from the peer on %r", self)
             raise EndOfStream
+        self._bytes_received += len(packet.data)
+        self._fds_received += len(packet.fds)
         return Message._unchecked(packet.data, packet.fds or None)
+
+    def statistics(self) -> ChannelStatistics:
+        """Return what this channel has sent and received, and what is queued now.
+
+        Counting costs three integer additions per record sent and two per
+        read when receiving. See :class:`ChannelStatistics`. It never raises, also after
+        :meth:`aclose`.
+        """
+        outbox = self._writer.outbox
+        return ChannelStatistics(
+            records_sent=self._records_sent,
+            bytes_sent=self._bytes_sent,
+            fds_sent=self._fds_sent,
+            records_received=self._receive_calls - self._receive_failures,
+            bytes_received=self._bytes_received,
+            fds_received=self._fds_received,
+            records_queued=outbox.nrecords,
+            # A packet queue counts one more per packet (so that an empty
+            # packet counts as queued): not bytes that go over the socket.
+            bytes_queued=outbox.nbytes - outbox.nrecords
+            if self._packets
+            else outbox.nbytes,
+            fds_queued=outbox.nfds,
+        )
+
+    def _repr_extra(self) -> str:
+        return f" queued={self._writer.outbox.nrecords}"
 
     def _buffers_closer(self) -> Callable[[], None]:
         return self._decoder.close

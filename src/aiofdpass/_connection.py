@@ -121,6 +121,10 @@ class Connection(TypedAttributeProvider):
         self._transport = Transport(sock, self._SOCKET_TYPES, self._WRONG_TYPE_ADVICE)
         self._writer = Writer(self._transport, timeout)
         self._peer_credentials: PeerCredentials | None = None
+        # statistics(): plain counters, bumped where a send or receive ends.
+        self._bytes_sent = self._fds_sent = 0
+        self._bytes_received = self._fds_received = 0
+        logger.debug("opened %r", self)
 
     @property
     def closed(self) -> bool:
@@ -198,6 +202,7 @@ class Connection(TypedAttributeProvider):
         :raises RuntimeError: if another event loop still uses the connection.
         """
         await self._writer.send_eof()
+        logger.debug("sent end of stream on %r", self)
 
     async def aclose(self) -> None:
         """Write what is queued, then close the connection and its descriptors.
@@ -214,12 +219,33 @@ class Connection(TypedAttributeProvider):
         :raises RuntimeError: if another event loop still uses the
             connection (nothing is closed then).
         """
+        if not self._transport.closed:
+            logger.debug("closing %r", self)
         try:
             await self._writer.aclose()
         finally:
             close_buffers = self._buffers_closer()
             if self._transport.closed and close_buffers is not None:
                 close_buffers()
+
+    def __repr__(self) -> str:
+        transport = self._transport
+        fd = transport.sock.fileno()
+        peer = ""
+        if self._peer_credentials is not None or not transport.closed:
+            try:
+                creds = self.peer_credentials
+            except (OSError, ClosedResourceError):
+                pass
+            else:
+                peer = f" peer=pid {creds.pid} uid {creds.uid}"
+        send, recv = transport.send_state, transport.recv_state
+        state = send if send == recv else f"send {send}"
+        return f"<{type(self).__name__} fd={fd}{peer} {state}{self._repr_extra()}>"
+
+    def _repr_extra(self) -> str:
+        """Return what a subclass adds at the end of its repr."""
+        return ""
 
     def _buffers_closer(self) -> Callable[[], None] | None:
         """Return what closes the receiving side's buffers (subclasses' hook).

@@ -16,6 +16,7 @@ from ._errors import LimitError
 from ._fd import Fd
 from ._inbox import Inbox
 from ._message import SCM_MAX_FD
+from ._statistics import StreamStatistics
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -164,7 +165,10 @@ class FdStream(Connection, ByteStream):
                 f"{len(numbers)} descriptors in one send, over the kernel's "
                 f"{SCM_MAX_FD} per sendmsg; split them. Nothing was sent"
             )
+        nbytes = sum(map(len, views))  # send_bytes() consumes the list
         await self._writer.send_bytes(views, numbers)
+        self._bytes_sent += nbytes
+        self._fds_sent += len(numbers)
         if close_fds:
             await close_sent(objs)
 
@@ -316,6 +320,9 @@ class FdStream(Connection, ByteStream):
             view.release()
         # No await since the read: the inbox owns the descriptors at once.
         inbox.commit(nbytes, numbers)
+        self._bytes_received += nbytes
+        if numbers:
+            self._fds_received += len(numbers)
         if not nbytes:
             inbox.eof = True
             raise EndOfStream
@@ -330,6 +337,18 @@ class FdStream(Connection, ByteStream):
             "descriptor(s) to take_fds()",
         )
         return exc
+
+    def statistics(self) -> StreamStatistics:
+        """Return what this stream has sent and received (:class:`StreamStatistics`).
+
+        It never raises, also after :meth:`aclose`.
+        """
+        return StreamStatistics(
+            bytes_sent=self._bytes_sent,
+            fds_sent=self._fds_sent,
+            bytes_received=self._bytes_received,
+            fds_received=self._fds_received,
+        )
 
     def _buffers_closer(self) -> Callable[[], None]:
         return self._inbox.close

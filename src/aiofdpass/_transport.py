@@ -11,6 +11,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import logging
 import socket
 import struct
 import sys
@@ -43,6 +44,8 @@ __all__ = [
     "parse_ancillary",
     "scm_rights",
 ]
+
+logger = logging.getLogger("aiofdpass")
 
 _INT_SIZE = array.array("i").itemsize
 
@@ -331,6 +334,7 @@ class Transport:
             "received can still be read, then close it",
             exc,
         )
+        logger.debug("fd %d: sending broke (%s): %r", self.sock.fileno(), reason, exc)
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         if self.on_send_break is not None:
@@ -345,6 +349,7 @@ class Transport:
             f"this channel is broken ({reason}); close it and open a new connection",
             exc,
         )
+        logger.debug("fd %d: broken (%s): %r", self.sock.fileno(), reason, exc)
         send_was_open = self.send_state is OPEN
         self.send_state = self.recv_state = BROKEN
         self._send_failure = self._recv_failure = failure

@@ -593,7 +593,7 @@ async def listen(
     except BaseException:
         sock.close()
         raise
-    return FdListener(
+    listener = FdListener(
         sock,
         path=p,
         identity=identity,
@@ -601,6 +601,8 @@ async def listen(
         allow=policy,
         close_timeout=close_timeout,
     )
+    logger.debug("listening: %r", listener)
+    return listener
 
 
 async def listen_stream(
@@ -657,6 +659,7 @@ class _UnixListener(Listener[ConnectionT]):
         self._identity = identity
         self._limits = limits
         self._closed = False
+        self._accepted = 0
         self._accept_guard = anyio.ResourceGuard("accepting connections from")
 
     @classmethod
@@ -734,6 +737,7 @@ class _UnixListener(Listener[ConnectionT]):
                     raise
                 if self._identity is not None:
                     connection._local_name = self._path
+                self._accepted += 1
                 return connection
 
     async def serve(
@@ -814,7 +818,15 @@ class _UnixListener(Listener[ConnectionT]):
             anyio.notify_closing(self._sock)
             self._sock.close()
             self._unlink_own_file()
+            logger.debug("stopped listening: %r", self)
         await checkpoint()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "listening"
+        return (
+            f"<{type(self).__name__} path={self._path!r} fd={self._sock.fileno()} "
+            f"{state} accepted={self._accepted}>"
+        )
 
     def _unlink_own_file(self) -> None:
         if self._identity is None or not isinstance(self._path, str):
