@@ -321,6 +321,7 @@ async def test_bad_arguments_and_the_small_api() -> None:
     name = abstract("api")
     async with await create_datagram_socket(name, limits=Limits(max_fds=1)) as s:
         assert s.limits == Limits(max_fds=1)
+        assert repr(s) == f"<FdDatagramSocket fd={s.fileno()} address={name!r} open>"
         assert not s.closed
         assert s.fileno() >= 0
         assert s.local_address == name
@@ -349,6 +350,7 @@ async def test_bad_arguments_and_the_small_api() -> None:
             tg.cancel_scope.cancel()
     assert s.closed
     assert s.fileno() == -1
+    assert repr(s) == "<FdDatagramSocket fd=-1 closed>"
 
 
 def test_a_dropped_socket_warns_and_closes() -> None:

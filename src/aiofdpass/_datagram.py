@@ -260,6 +260,15 @@ class FdDatagramSocket(UnreliableObjectReceiveStream[Datagram]):
                 unlink_if_same(self._path, self._identity)
         await anyio.lowlevel.checkpoint()
 
+    def __repr__(self) -> str:
+        transport = self._transport
+        fd = transport.sock.fileno()
+        if transport.closed:
+            return f"<{type(self).__name__} fd={fd} closed>"
+        name = transport.sock.getsockname()
+        where = f"address={name!r}" if name else "unbound"
+        return f"<{type(self).__name__} fd={fd} {where} open>"
+
     def __del__(self) -> None:
         transport = getattr(self, "_transport", None)
         if transport is not None and not transport.closed:
