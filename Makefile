@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit bench clean system-deps
+.PHONY: install demo test lint typecheck unit bench bench-prefork clean system-deps
 .PHONY: docs docs-code package
 .PHONY: fuzz soak
 
@@ -71,6 +71,18 @@ BENCH_ARGS ?= $(if $(QUICK),,--json bench/results.json --plot bench/results.png)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --group bench
 	$(PY) bench/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# The prefork pool against one process and SO_REUSEPORT, measured with wrk
+# (issue 14): wrk is installed with apt-get when missing. QUICK=1 is a smoke
+# run that writes no files; the full run takes about 8 minutes.
+PREFORK_ARGS ?= $(if $(QUICK),--quick,--json bench/prefork_results.json --plot docs/prefork_benchmarks.png)
+bench-prefork: $(STAMP)
+	$(PY) -m pip install --quiet --group bench
+	@command -v wrk >/dev/null || { \
+		echo "bench-prefork: wrk is missing: installing it with apt-get"; \
+		apt-get update -qq && apt-get install -y -qq wrk; }
+	$(PY) bench/prefork_wrk.py $(PREFORK_ARGS)
+
 # Long runs for when the codec or the I/O layer changes (not part of `test`).
 FUZZ ?= 100
 fuzz: $(STAMP)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import aiofdpass
+import aiofdpass.prefork
 
 DOCS = Path(__file__).parent.parent / "docs"
 CODE = DOCS / "code"
@@ -137,6 +138,10 @@ def test_api_page_documents_every_public_name() -> None:
         re.findall(r"^\.\. auto\w+:: aiofdpass\.(\w+)$", page, flags=re.M)
     ) | set(re.findall(r"^\.\. data:: (?:aiofdpass\.)?(\w+)$", page, flags=re.M))
     assert documented == set(aiofdpass.__all__)
+    prefork = set(
+        re.findall(r"^\.\. auto\w+:: aiofdpass\.prefork\.(\w+)$", page, flags=re.M)
+    )
+    assert prefork == set(aiofdpass.prefork.__all__)
 
 
 # Made by channel_pair/connect/listen/from_socket/from_fd, which document
@@ -153,8 +158,10 @@ MADE_BY_FACTORIES = {
 def public_callables() -> list[tuple[str, object]]:
     """Every public function, constructor and method the package defines."""
     found: list[tuple[str, object]] = []
-    for name in aiofdpass.__all__:
-        obj = getattr(aiofdpass, name)
+    modules = [(aiofdpass, name) for name in aiofdpass.__all__]
+    modules += [(aiofdpass.prefork, name) for name in aiofdpass.prefork.__all__]
+    for module_of_name, name in modules:
+        obj = getattr(module_of_name, name)
         if inspect.isclass(obj):
             if issubclass(obj, Exception):
                 continue

@@ -25,9 +25,15 @@ EXPECTED = {
         "ok   ping through the returned socket, got b'ping-pong'",
     ],
     "prefork_server": [
-        "200/200 connections",
-        "died with status -9",
-        "4/4 in-flight connections answered",
+        "200/200 connections answered",
+        "exited with status -9",
+        "4/4 in-flight connections answered, none by the killed worker: True",
+        "4 re-dispatched",
+    ],
+    "prefork_http": [
+        "single: 8 requests answered by 1 process(es), exit status 0",
+        "pool: 8 requests answered by 2 process(es), exit status 0",
+        "reuseport: 8 requests answered by",
     ],
     "device_broker": [
         "ttyS0: GRANTED",

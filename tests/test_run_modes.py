@@ -39,8 +39,10 @@ import pytest
 import trio
 import uvloop
 from anyio.lowlevel import checkpoint
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from aiofdpass import FdChannel, ProtocolError, channel_pair, create_datagram_socket
+from aiofdpass.prefork import WorkerPool
 
 from .helpers import copies_of, pipe, raw, small_buffers
 
@@ -771,3 +773,30 @@ def test_packet_sockets_deliver_everything(run: Runner) -> None:
     records, datagrams = run(deliver_packets)
     assert records == [(b"p%d" % i, 1) for i in range(200)]
     assert datagrams == [(b"d%d" % i, 1) for i in range(100)]
+
+
+# -- a worker pool under every runner -----------------------------------------
+
+
+async def pool_worker_loop() -> str:
+    """Serve one connection through a WorkerPool; return the worker's loop."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with anyio.fail_after(DEADLINE * 10):
+            async with WorkerPool("tests.prefork_child:lines", workers=1) as pool:
+                stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+                sock, _ = listener.accept()
+                with sock:
+                    await pool.dispatch(sock)
+                async with stream:
+                    await stream.send(b"loop\n")
+                    reader = BufferedByteReceiveStream(stream)
+                    answer = await reader.receive_until(b"\n", 100)
+    return answer.split()[1].decode()
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("run", RUNNERS)
+def test_a_worker_pool_runs_its_workers_on_the_masters_loop(run: Runner) -> None:
+    name = getattr(run, "__name__", "")
+    expected = "uvloop" if "uvloop" in name else "trio" if "trio" in name else "asyncio"
+    assert run(pool_worker_loop) == expected

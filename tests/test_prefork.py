@@ -1,0 +1,399 @@
+"""aiofdpass.prefork: worker pools with real processes and real TCP on loopback.
+
+The master (this process) runs on every backend; its workers run on the
+same one. No test steers behaviour with time: a worker that must not take
+its connections is stopped (SIGSTOP, and ``waitid`` says when it is) before
+they are sent to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from aiofdpass import open_child_process
+from aiofdpass.prefork import (
+    PoolStatistics,
+    WorkerPool,
+    WorkerStartError,
+    WorkerStatistics,
+    serve_tcp,
+)
+
+from .helpers import backend_id, copies_of
+
+pytestmark = [pytest.mark.system, pytest.mark.anyio]
+
+TARGET = "tests.prefork_child:lines"
+MASTER = str(Path(__file__).with_name("prefork_child.py"))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+class Client:
+    """A TCP client of the pool, reading answers line by line."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.lines = BufferedByteReceiveStream(stream)
+
+    async def ask(self, line: str) -> tuple[int, str]:
+        """Send a line; return the answering worker's pid and the echoed line."""
+        await self.stream.send(line.encode() + b"\n")
+        pid, _, echoed = (await self.lines.receive_until(b"\n", 4096)).partition(b" ")
+        return int(pid), echoed.decode()
+
+    async def closed_by_server(self) -> bool:
+        """Whether the server closed the connection (EOF or reset)."""
+        try:
+            return await self.stream.receive() == b""
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return True
+
+
+@asynccontextmanager
+async def tcp_listener() -> AsyncIterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+async def connect(
+    listener: socket.socket,
+    pool: WorkerPool,
+    *,
+    key: object = None,
+    meta: dict[str, object] | None = None,
+) -> Client:
+    """Open a TCP connection and dispatch its server side; return the client."""
+    stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+    sock, _ = listener.accept()  # the connection is queued: this does not block
+    with sock:
+        try:
+            await pool.dispatch(sock, meta, key=key)
+        except BaseException:
+            await stream.aclose()
+            raise
+    return Client(stream)
+
+
+async def until(pool: WorkerPool, done: Callable[[PoolStatistics], bool]) -> None:
+    """Wait for the master to have processed the workers' reports."""
+    while not done(pool.statistics()):  # noqa: ASYNC110 (polling a counter)
+        await anyio.sleep(0.01)
+
+
+def pids(pool: WorkerPool) -> list[int]:
+    return [w.pid for w in pool.statistics().workers if w.pid is not None]
+
+
+async def stop_and_confirm(pid: int) -> None:
+    """SIGSTOP a worker (our child) and wait until the kernel says it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    flags = os.WSTOPPED | os.WNOWAIT
+    await anyio.to_thread.run_sync(os.waitid, os.P_PID, pid, flags)
+
+
+async def test_dispatch_ack_and_serve(anyio_backend: object) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=2) as pool:
+        workers = pids(pool)
+        assert len(workers) == 2
+        with anyio.fail_after(30):
+            clients = [await connect(listener, pool, meta={"n": n}) for n in range(4)]
+            seen = set()
+            for n, client in enumerate(clients):
+                pid, echoed = await client.ask("meta")
+                assert pid in workers
+                assert json.loads(echoed) == {"n": n}
+                seen.add(pid)
+            # Least loaded: four open connections are spread over both.
+            assert seen == set(workers)
+            await until(pool, lambda s: s.in_flight == 4)
+            stats = pool.statistics()
+            # Every worker acknowledged: the master holds no copies any more.
+            assert [w.pending for w in stats.workers] == [0, 0]
+            assert [w.active for w in stats.workers] == [2, 2]
+            for client in clients:
+                await client.stream.aclose()
+            await until(pool, lambda s: s.served == 4)
+        stats = pool.statistics()
+        assert (stats.dispatched, stats.redispatched, stats.closed) == (4, 0, 0)
+        assert [w.restarts for w in stats.workers] == [0, 0]
+
+
+async def test_master_keeps_a_copy_until_acknowledged(anyio_backend: object) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            await stop_and_confirm(pids(pool)[0])
+            stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+            sock, _ = listener.accept()
+            with sock:
+                await pool.dispatch(sock)
+                # Ours, and the pool's own until the worker takes it.
+                assert copies_of(sock.fileno()) == 2
+                assert pool.statistics().workers[0].pending == 1
+                os.kill(pids(pool)[0], signal.SIGCONT)
+                await until(pool, lambda s: s.workers[0].active == 1)
+                assert copies_of(sock.fileno()) == 1
+            async with stream:
+                await Client(stream).ask("hello")
+
+
+async def test_key_affinity(anyio_backend: object) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=3) as pool:
+        with anyio.fail_after(30):
+            answered: dict[str, set[int]] = {}
+            for key in ["alice", "bob", "carol", "dave"] * 3:
+                client = await connect(listener, pool, key=key)
+                async with client.stream:
+                    pid, _ = await client.ask(key)
+                answered.setdefault(key, set()).add(pid)
+        assert all(len(p) == 1 for p in answered.values()), answered
+
+
+async def test_sigkill_with_connections_queued(anyio_backend: object) -> None:
+    def to_worker_0(
+        workers: Sequence[WorkerStatistics], key: object, meta: object
+    ) -> int:
+        return 0 if workers[0].index == 0 else workers[0].index
+
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=2, route=to_worker_0) as pool,
+    ):
+        with anyio.fail_after(30):
+            victim = pids(pool)[0]
+            await stop_and_confirm(victim)  # it can take nothing from now on
+            clients = [await connect(listener, pool) for _ in range(3)]
+            assert pool.statistics().workers[0].pending == 3
+            os.kill(victim, signal.SIGKILL)
+            for n, client in enumerate(clients):
+                async with client.stream:
+                    pid, echoed = await client.ask(f"queued {n}")
+                assert pid != victim
+                assert echoed == f"queued {n}"
+            stats = pool.statistics()
+            assert (stats.redispatched, stats.closed) == (3, 0)
+            await until(pool, lambda s: s.workers[0].restarts == 1)
+
+
+async def test_sigkill_with_no_worker_left_closes_and_logs(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=1, restart=False) as pool,
+    ):
+        with anyio.fail_after(30):
+            victim = pids(pool)[0]
+            await stop_and_confirm(victim)
+            clients = [await connect(listener, pool) for _ in range(2)]
+            os.kill(victim, signal.SIGKILL)
+            for client in clients:
+                async with client.stream:
+                    assert await client.closed_by_server()
+            assert pool.statistics().closed == 2
+            with pytest.raises(anyio.ClosedResourceError):
+                await connect(listener, pool)
+    assert caplog.text.count("unserved: no worker is running") == 2
+    assert f"(pid {victim}) exited with status -9" in caplog.text
+
+
+async def test_restart_with_backoff(anyio_backend: object) -> None:
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=1, backoff=0.01, max_backoff=0.02) as pool,
+    ):
+        with anyio.fail_after(30):
+            crashed = set()
+            for _ in range(4):  # each connection kills the worker that takes it
+                client = await connect(listener, pool)
+                async with client.stream:
+                    await client.stream.send(b"exit\n")
+                    assert await client.closed_by_server()
+                await until(
+                    pool, lambda s: s.waiting == 0 and s.workers[0].pid not in crashed
+                )
+                crashed.add(pool.statistics().workers[0].pid)
+            await until(pool, lambda s: s.workers[0].restarts == 4)
+            worker = pool.statistics().workers[0]
+            assert worker.failures == 4
+            assert worker.restart_delays == (0.0, 0.01, 0.02, 0.02)
+            # A connection served to its end ends the crash loop.
+            client = await connect(listener, pool)
+            async with client.stream:
+                await client.ask("alive")
+            await until(pool, lambda s: s.served == 1)
+            assert pool.statistics().workers[0].failures == 0
+
+
+async def test_graceful_stop_finishes_connections_in_flight(
+    anyio_backend: object,
+) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            client = await connect(listener, pool)
+            pid, _ = await client.ask("before stop")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.stop, 60)
+                # The connection in flight is still served, to its end.
+                assert await client.ask("during stop") == (pid, "during stop")
+                await client.stream.aclose()
+            # stop() returned: the worker finished and exited.
+            assert pool.statistics().served == 1
+            assert pool.statistics().workers[0].pid is None
+            with pytest.raises(anyio.ClosedResourceError, match="still yours"):
+                await connect(listener, pool)
+
+
+async def test_stop_cancels_connections_after_drain_timeout(
+    anyio_backend: object,
+) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            client = await connect(listener, pool)
+            await client.ask("idle from now on")
+            await pool.stop(drain_timeout=0)
+            async with client.stream:
+                assert await client.closed_by_server()
+
+
+async def test_handler_that_raises_is_logged_and_the_worker_lives_on(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            client = await connect(listener, pool)
+            pid, _ = await client.ask("first")
+            async with client.stream:
+                await client.stream.send(b"raise\n")
+                assert await client.closed_by_server()
+            client = await connect(listener, pool)
+            async with client.stream:
+                assert await client.ask("second") == (pid, "second")
+            await until(pool, lambda s: s.served == 2)
+        worker = pool.statistics().workers[0]
+        assert (worker.errors, worker.restarts) == (1, 0)
+    assert "the handler failed on connection 1: ValueError('asked to raise')" in (
+        caplog.text
+    )
+
+
+async def test_master_killed_workers_exit(anyio_backend: object) -> None:
+    process, channel = await open_child_process(
+        [sys.executable, MASTER, backend_id(anyio_backend)], env=ENV
+    )
+    async with process, channel, tcp_listener() as listener:
+        with anyio.fail_after(30):
+            workers = json.loads((await channel.receive()).data)["pids"]
+            pidfds = [os.pidfd_open(pid) for pid in workers]
+            try:
+                stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+                sock, _ = listener.accept()
+                with sock:
+                    await channel.send(b"serve this", [sock])
+                assert (await channel.receive()).data == b"dispatched"
+                client = Client(stream)
+                async with stream:
+                    assert (await client.ask("hello"))[0] in workers
+                    process.kill()
+                    assert await process.wait() == -signal.SIGKILL
+                    # Its workers see their channel end, close their
+                    # connections and exit: no orphans.
+                    assert await client.closed_by_server()
+                    for pidfd in pidfds:
+                        await anyio.wait_readable(pidfd)
+            finally:
+                for pidfd in pidfds:
+                    os.close(pidfd)
+
+
+async def test_serve_tcp(anyio_backend: object) -> None:
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(
+                lambda task_status: serve_tcp(
+                    "127.0.0.1", 0, TARGET, workers=2, task_status=task_status
+                )
+            )
+            assert host == "127.0.0.1"
+            for _ in range(4):
+                async with await anyio.connect_tcp(host, port) as stream:
+                    _, echoed = await Client(stream).ask("meta")
+                    peer = json.loads(echoed)["peer"]
+                    assert peer == list(
+                        stream.extra(anyio.abc.SocketAttribute.local_address)
+                    )
+            tg.cancel_scope.cancel()
+
+
+async def test_cancelling_the_master_drains_connections_in_flight(
+    anyio_backend: object,
+) -> None:
+    pool = WorkerPool(TARGET, workers=1)
+    master = anyio.CancelScope()
+
+    async def run_master(
+        listener: socket.socket, *, task_status: anyio.abc.TaskStatus[Client]
+    ) -> None:
+        with master:
+            async with pool:
+                task_status.started(await connect(listener, pool))
+                await anyio.sleep_forever()
+
+    with anyio.fail_after(30):
+        async with tcp_listener() as listener, anyio.create_task_group() as tg:
+            client = await tg.start(run_master, listener)
+            async with client.stream:
+                pid, _ = await client.ask("before")
+                master.cancel()  # what Ctrl-C or SIGTERM handling does
+                # The worker still serves the connection it has, to its end.
+                assert await client.ask("while stopping") == (pid, "while stopping")
+    # The master kept reading the worker's reports until it exited.
+    assert pool.statistics().served == 1
+
+
+async def test_a_target_that_does_not_import(anyio_backend: object) -> None:
+    with anyio.fail_after(30):
+        with pytest.raises(WorkerStartError, match="before it was ready"):
+            async with WorkerPool("tests.no_such_module:handler", workers=2):
+                pass  # pragma: no cover
+
+
+async def test_bad_dispatch_loses_nothing(anyio_backend: object) -> None:
+    def bad_route(
+        workers: Sequence[WorkerStatistics], key: object, meta: object
+    ) -> int:
+        return 7
+
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=1, route=bad_route) as pool,
+    ):
+        stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+        sock, _ = listener.accept()
+        async with stream:
+            with sock:
+                with pytest.raises(TypeError, match="JSON-able"):
+                    await pool.dispatch(sock, {"not json": object()})
+                with pytest.raises(ValueError, match="route returned 7"):
+                    await pool.dispatch(sock, close=True)
+                assert copies_of(sock.fileno()) == 1  # still the caller's
+                assert not sock._closed  # type: ignore[attr-defined]
+        assert pool.statistics().dispatched == 0
+
+
+async def test_dispatch_before_entering(anyio_backend: object) -> None:
+    pool = WorkerPool(TARGET, workers=1)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
+        await pool.dispatch(a)

@@ -1,0 +1,135 @@
+"""aiofdpass.prefork without child processes: the worker's loop run in this
+process against a channel pair, the consistent-hash ring, argument checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from aiofdpass import FdChannel, channel_pair
+from aiofdpass.prefork import WorkerPool, _Ring, _run_worker
+
+from .helpers import copies_of
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo_once(stream: SocketStream, meta: dict[str, object]) -> None:
+    """Answer one message with the metadata, or raise if asked to."""
+    data = await stream.receive()
+    if data == b"raise":
+        raise ValueError("asked to raise")
+    await stream.send(json.dumps(meta).encode())
+
+
+async def recv(sock: socket.socket) -> bytes:
+    """Read what is there (the worker runs in this event loop: never block)."""
+    await anyio.wait_readable(sock)
+    return sock.recv(100)
+
+
+async def report(master: FdChannel) -> dict[str, object]:
+    with await master.receive() as message:
+        result: dict[str, object] = json.loads(message.data)
+        return result
+
+
+async def test_worker_takes_serves_and_reports(anyio_backend: object) -> None:
+    master, worker = channel_pair()
+    client, server = socket.socketpair()
+    async with master, anyio.create_task_group() as tg:
+        tg.start_soon(_run_worker, echo_once, worker)
+        with anyio.fail_after(10), client:
+            assert "ready" in await report(master)
+            with server:
+                await master.send(b'{"id": 1, "meta": {"peer": "x"}}', [server])
+            assert await report(master) == {"taken": 1}
+            assert copies_of(client.fileno()) == 1  # the worker's copy: a peer
+            client.send(b"hi")
+            assert json.loads(await recv(client)) == {"peer": "x"}
+            assert await report(master) == {"done": 1, "error": None}
+            # The handler's stream was closed when it returned.
+            assert await recv(client) == b""
+            await master.send(b'{"stop": 10}')
+            with pytest.raises(anyio.EndOfStream):
+                await master.receive()
+
+
+async def test_worker_reports_a_handler_that_raises(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    master, worker = channel_pair()
+    client, server = socket.socketpair()
+    async with master, anyio.create_task_group() as tg:
+        tg.start_soon(_run_worker, echo_once, worker)
+        with anyio.fail_after(10), client:
+            await report(master)
+            with server:
+                await master.send(b'{"id": 5, "meta": {}}', [server])
+            assert await report(master) == {"taken": 5}
+            client.send(b"raise")
+            assert await report(master) == {
+                "done": 5,
+                "error": "ValueError('asked to raise')",
+            }
+            assert await recv(client) == b""
+            await master.send_eof()
+    assert "the handler failed on connection 5" in caplog.text
+
+
+async def test_worker_without_master_closes_its_connections(
+    anyio_backend: object,
+) -> None:
+    master, worker = channel_pair()
+    client, server = socket.socketpair()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_run_worker, echo_once, worker)
+        with anyio.fail_after(10), client:
+            async with master:
+                await report(master)
+                with server:
+                    await master.send(b'{"id": 1, "meta": {}}', [server])
+                assert await report(master) == {"taken": 1}
+            # The master is gone (no stop): the handler is cancelled at once.
+            assert await recv(client) == b""
+
+
+def test_ring_moves_only_the_keys_of_a_slot_that_is_down() -> None:
+    ring = _Ring(4)
+    keys = [f"user {n}" for n in range(400)]
+    everyone = {key: ring.lookup(key, lambda slot: True) for key in keys}
+    assert set(everyone.values()) == {0, 1, 2, 3}
+    without_2 = {key: ring.lookup(key, lambda slot: slot != 2) for key in keys}
+    for key in keys:
+        if everyone[key] == 2:
+            assert without_2[key] != 2
+        else:
+            assert without_2[key] == everyone[key]
+    assert ring.lookup("anyone", lambda slot: False) is None
+    assert ring.lookup(b"bytes", lambda slot: True) == ring.lookup(
+        b"bytes", lambda slot: True
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target": "no_colon"}, ValueError, "package.module:function"),
+        ({"target": "mod:not an identifier"}, ValueError, "package.module"),
+        ({"target": 3}, TypeError, "must be a string"),
+        ({"workers": 0}, ValueError, "positive int"),
+        ({"route": "random"}, TypeError, "least-loaded"),
+        ({"backoff": -1}, ValueError, "backoff"),
+        ({"backend": "curio"}, ValueError, "backend"),
+    ],
+)
+def test_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    arguments: dict[str, object] = {"target": "tests.prefork_child:lines", "workers": 1}
+    with pytest.raises(error, match=match):
+        WorkerPool(**{**arguments, **kwargs})  # type: ignore[arg-type]
