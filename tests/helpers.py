@@ -5,12 +5,13 @@ from __future__ import annotations
 import array
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+import pytest
 from anyio.abc import SocketAttribute
 
-from aiofdpass import FdChannel, FdStream
+from aiofdpass import Fd, FdChannel, FdStream
 from aiofdpass._codec import encode_header
 
 #: ``make fuzz`` sets this to run every property test this many times longer.
@@ -108,3 +109,28 @@ def fill(sock: socket.socket) -> int:
         except BlockingIOError:
             return count
         count += 1
+
+
+def check_from_fd_refusals(from_fd: Callable[[Fd], object]) -> None:
+    """``from_fd`` refuses a non-stream socket, a closed Fd and a pipe.
+
+    Each refused ``Fd`` is still the caller's (open, not taken).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
+        refused = Fd(os.dup(seq.fileno()))
+        with pytest.raises(ValueError, match="SOCK_STREAM"):
+            from_fd(refused)
+        assert not refused.closed
+        os.fstat(refused.fileno())
+        refused.close()
+    closed = Fd(os.dup(0))
+    closed.close()
+    with pytest.raises(ValueError, match="closed or taken"):
+        from_fd(closed)
+    r, w = os.pipe()
+    os.close(w)
+    not_a_socket = Fd(r)
+    with pytest.raises(OSError, match="is not a socket"):
+        from_fd(not_a_socket)
+    assert not not_a_socket.closed
+    not_a_socket.close()

@@ -30,6 +30,7 @@ from aiofdpass import (
 from aiofdpass._codec import encode_header
 
 from .helpers import (
+    check_from_fd_refusals,
     identity,
     limit_with_free_slots,
     open_fds,
@@ -552,6 +553,23 @@ async def test_from_fd_and_from_socket() -> None:
         assert a.extra(SocketAttribute.remote_address) == ""
         assert a.fileno() >= 0
     assert a.fileno() == -1
+
+
+async def test_from_fd_takes_an_fd_only_on_success() -> None:
+    # As FdStream.from_fd: an Fd is taken once the channel owns the socket;
+    # a refusal (wrong socket kind, bad limits) leaves it the caller's.
+    s1, s2 = socket.socketpair()
+    owned = Fd(s1.detach())
+    with pytest.raises(TypeError, match="limits must be a Limits"):
+        FdChannel.from_fd(owned, limits=3)  # type: ignore[arg-type]
+    assert not owned.closed
+    a = FdChannel.from_fd(owned, close_timeout=1)
+    assert owned.closed  # taken: the channel owns the number now
+    async with a, FdChannel.from_socket(s2) as b:
+        assert a.close_timeout == 1
+        await a.send(b"x")
+        assert (await b.receive()).data == b"x"
+    check_from_fd_refusals(FdChannel.from_fd)
 
 
 async def test_from_socket_refuses_the_wrong_kind() -> None:

@@ -14,6 +14,7 @@ from ._codec import HEADER_SIZE, MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import as_fd_list, close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
+from ._fd import Fd
 from ._message import Limits, Message
 from ._statistics import ChannelStatistics
 from ._transport import OPEN
@@ -116,23 +117,26 @@ class FdChannel(Connection, ObjectStream[Message]):
     @classmethod
     def from_fd(
         cls,
-        fd: int,
+        fd: int | Fd,
         *,
         limits: Limits | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Self:
-        """Adopt a connected AF_UNIX socket given by descriptor number.
+        """Adopt a connected AF_UNIX socket by number, or as an :class:`Fd`.
 
         Typical in a child process that got its end of :func:`channel_pair`
-        through ``pass_fds``. The channel owns the descriptor from now on.
-        The keyword arguments are those of :meth:`from_socket`.
+        through ``pass_fds``, or with a socket received as an ``Fd``. The
+        channel owns the descriptor only once this returns (an ``Fd`` is
+        then taken); if it raises, the caller still owns it. The keyword
+        arguments are those of :meth:`from_socket`.
 
-        :raises TypeError: if ``fd`` is not an ``int``.
+        :raises TypeError: if ``fd`` is neither an ``int`` nor an ``Fd``, or
+            ``limits`` is not a :class:`Limits`.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
         :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
-            or ``SOCK_SEQPACKET`` socket (a listening one included); the
-            caller still owns ``fd``.
+            or ``SOCK_SEQPACKET`` socket (a listening one included), or the
+            ``Fd`` is closed.
         """
         return adopt_fd(
             fd, lambda sock: cls(sock, limits=limits, close_timeout=close_timeout)

@@ -42,9 +42,14 @@ class DescriptorsLostError(FdPassError):
 
 
 class LimitError(FdPassError):
-    """A record to be sent is over a limit; nothing was written.
+    """A limit was reached before anything happened.
 
-    The channel is still usable and the caller still owns every descriptor
-    it passed. Send a smaller record, fewer descriptors, or raise the
-    channel's :class:`~aiofdpass.Limits`.
+    On send: the record is over a limit and nothing was written. The channel
+    is still usable and the caller still owns every descriptor it passed.
+    Send a smaller record, fewer descriptors, or raise the channel's
+    :class:`~aiofdpass.Limits`.
+
+    On an :class:`~aiofdpass.FdStream` read: :attr:`~aiofdpass.FdStream.max_queued_fds`
+    received descriptors wait untaken, and nothing was read. Take them
+    (:meth:`~aiofdpass.FdStream.take_fds`) or raise the limit, then read again.
     """
