@@ -116,7 +116,9 @@ def check_from_fd_refusals(from_fd: Callable[[Fd], object]) -> None:
 
     Each refused ``Fd`` is still the caller's (open, not taken).
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
+    # A datagram socket: neither FdChannel (stream or SEQPACKET) nor
+    # FdStream takes one.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as seq:
         refused = Fd(os.dup(seq.fileno()))
         with pytest.raises(ValueError, match="SOCK_STREAM"):
             from_fd(refused)
