@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -36,6 +37,11 @@ def pipe() -> Iterator[tuple[int, int]]:
     finally:
         os.close(r)
         os.close(w)
+
+
+def rights(*fds: int) -> list[tuple[int, int, array.array[int]]]:
+    """Ancillary data passing ``fds``, for a raw ``sendmsg`` playing a peer."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
 
 
 def open_fds() -> set[int]:
@@ -110,7 +116,9 @@ def check_from_fd_refusals(from_fd: Callable[[Fd], object]) -> None:
 
     Each refused ``Fd`` is still the caller's (open, not taken).
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
+    # A datagram socket: neither FdChannel (stream or SEQPACKET) nor
+    # FdStream takes one.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as seq:
         refused = Fd(os.dup(seq.fileno()))
         with pytest.raises(ValueError, match="SOCK_STREAM"):
             from_fd(refused)

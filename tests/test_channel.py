@@ -576,11 +576,11 @@ async def test_from_socket_refuses_the_wrong_kind() -> None:
     with socket.socket(socket.AF_INET) as tcp:
         with pytest.raises(ValueError, match="AF_UNIX"):
             FdChannel.from_socket(tcp)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
-            FdChannel.from_socket(seq)
-        fd = seq.fileno()
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        with pytest.raises(ValueError, match="SOCK_DGRAM.*FdDatagramSocket"):
+            FdChannel.from_socket(dgram)
+        fd = dgram.fileno()
+        with pytest.raises(ValueError, match="SOCK_STREAM or SOCK_SEQPACKET"):
             FdChannel.from_fd(fd)
         os.fstat(fd)  # from_fd failed: the caller still owns it
     with pytest.raises(TypeError):

@@ -26,6 +26,10 @@ class ProtocolError(FdPassError):
     held has been closed and the channel is broken: later calls raise
     :class:`anyio.BrokenResourceError`. Close the channel; a new connection
     starts from a clean state.
+
+    On a ``SOCK_SEQPACKET`` channel or a datagram socket there is no header:
+    it is raised for one packet over the limits, whose descriptors are
+    closed, and the channel or socket goes on with the next packet.
     """
 
 
@@ -38,6 +42,9 @@ class DescriptorsLostError(FdPassError):
     descriptors that did arrive, and every descriptor the channel still
     buffered, have been closed, and the channel is broken.
     Close descriptors you no longer need (or raise the limit) and reconnect.
+    On a ``SOCK_SEQPACKET`` channel or a datagram socket only that packet
+    is lost (the descriptors that did arrive are closed); the next one is
+    intact and the channel or socket goes on.
     """
 
 
