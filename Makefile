@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit bench bench-prefork clean
+.PHONY: install demo test lint typecheck unit bench bench-prefork clean system-deps
 .PHONY: docs docs-code package
 .PHONY: fuzz soak
 
@@ -27,7 +27,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict
 
-unit: $(STAMP)
+# System packages that tests/test_systemd.py uses as real peers: installed
+# through apt-get only where missing (and only where apt-get may run); where
+# they cannot be installed, those tests skip and say why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+APT_INSTALL := $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends
+system-deps:
+	@ldconfig -p | grep -q 'libsystemd\.so\.0 ' || ($(APT_INSTALL) libsystemd0) \
+		|| echo "note: libsystemd0 could not be installed; its test in tests/test_systemd.py skips"
+	@command -v systemd-socket-activate >/dev/null || ($(APT_INSTALL) systemd) \
+		|| echo "note: systemd could not be installed; the socket-activation test skips"
+
+unit: $(STAMP) system-deps
 	$(PY) -m coverage erase
 	$(PY) -m coverage run -m pytest $(PYTEST_ARGS)
 	$(PY) -m coverage combine --quiet  # the processes the tests started

@@ -56,6 +56,9 @@ nitpick_ignore_regex = [
     (r"py:class", r"collections\.abc\.\w+"),
     (r"py:class", r"socket\.socket|os\.PathLike|os\.stat_result"),
     (r"py:class", r"Buffer"),  # typing_extensions.Buffer, under TYPE_CHECKING
+    # str | bytes | os.PathLike, shown by name where Buffer keeps autodoc
+    # from evaluating a signature.
+    (r"py:class", r"SocketPath"),
     (r"py:func", r"open"),
     (r"py:func", r"anyio\.\w+"),
     (r"py:data", r"subprocess\.DEVNULL|os\.environ"),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+import pytest
 from anyio.abc import SocketAttribute
 
-from aiofdpass import FdChannel, FdStream
+from aiofdpass import Fd, FdChannel, FdStream
 from aiofdpass._codec import encode_header
 
 #: ``make fuzz`` sets this to run every property test this many times longer.
@@ -37,6 +39,11 @@ def pipe() -> Iterator[tuple[int, int]]:
         os.close(w)
 
 
+def rights(*fds: int) -> list[tuple[int, int, array.array[int]]]:
+    """Ancillary data passing ``fds``, for a raw ``sendmsg`` playing a peer."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+
+
 def open_fds() -> set[int]:
     """The descriptors open in this process now (from ``/proc/self/fd``)."""
     fds = set()
@@ -46,6 +53,16 @@ def open_fds() -> set[int]:
             os.readlink(f"/proc/self/fd/{name}")
             fds.add(int(name))
     return fds
+
+
+def limit_with_free_slots(free: int) -> int:
+    """The RLIMIT_NOFILE under which exactly ``free`` new fds fit."""
+    used = {int(x) for x in os.listdir("/proc/self/fd")}
+    n = 0
+    while free:
+        free -= n not in used
+        n += 1
+    return n
 
 
 def small_buffers(*socks: socket.socket) -> None:
@@ -92,3 +109,30 @@ def fill(sock: socket.socket) -> int:
         except BlockingIOError:
             return count
         count += 1
+
+
+def check_from_fd_refusals(from_fd: Callable[[Fd], object]) -> None:
+    """``from_fd`` refuses a non-stream socket, a closed Fd and a pipe.
+
+    Each refused ``Fd`` is still the caller's (open, not taken).
+    """
+    # A datagram socket: neither FdChannel (stream or SEQPACKET) nor
+    # FdStream takes one.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as seq:
+        refused = Fd(os.dup(seq.fileno()))
+        with pytest.raises(ValueError, match="SOCK_STREAM"):
+            from_fd(refused)
+        assert not refused.closed
+        os.fstat(refused.fileno())
+        refused.close()
+    closed = Fd(os.dup(0))
+    closed.close()
+    with pytest.raises(ValueError, match="closed or taken"):
+        from_fd(closed)
+    r, w = os.pipe()
+    os.close(w)
+    not_a_socket = Fd(r)
+    with pytest.raises(OSError, match="is not a socket"):
+        from_fd(not_a_socket)
+    assert not not_a_socket.closed
+    not_a_socket.close()

@@ -42,15 +42,14 @@ def find_compiler() -> list[str] | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def c_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_c(source: Path, binary: Path) -> Path:
+    """Compile ``source`` with strict warnings; skip without a C compiler."""
     compiler = find_compiler()
     if compiler is None:
         pytest.skip(
             "no C compiler (set $CC, or put cc, gcc or clang on PATH) to build "
-            "examples/c_peer/afd_peer.c"
+            f"examples/c_peer/{source.name}"
         )
-    binary = tmp_path_factory.mktemp("c_peer") / "afd_peer"
     result = subprocess.run(
         [
             *compiler,
@@ -62,14 +61,19 @@ def c_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-O2",
             "-o",
             str(binary),
-            str(SOURCE),
+            str(source),
         ],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert result.returncode == 0, f"building the C peer failed:\n{result.stderr}"
+    assert result.returncode == 0, f"building {source.name} failed:\n{result.stderr}"
     return binary
+
+
+@pytest.fixture(scope="session")
+def c_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_c(SOURCE, tmp_path_factory.mktemp("c_peer") / "afd_peer")
 
 
 async def run_c_peer(binary: Path, cwd: Path, mode: str) -> tuple[str, str]:

@@ -29,19 +29,17 @@ from aiofdpass import (
 )
 from aiofdpass._codec import encode_header
 
-from .helpers import identity, open_fds, pipe, raw, small_buffers
+from .helpers import (
+    check_from_fd_refusals,
+    identity,
+    limit_with_free_slots,
+    open_fds,
+    pipe,
+    raw,
+    small_buffers,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def limit_with_free_slots(free: int) -> int:
-    """The RLIMIT_NOFILE under which exactly ``free`` new fds fit."""
-    used = {int(x) for x in os.listdir("/proc/self/fd")}
-    n = 0
-    while free:
-        free -= n not in used
-        n += 1
-    return n
 
 
 async def test_pipe_file_socket_memfd_all_work_after_passing() -> None:
@@ -557,15 +555,32 @@ async def test_from_fd_and_from_socket() -> None:
     assert a.fileno() == -1
 
 
+async def test_from_fd_takes_an_fd_only_on_success() -> None:
+    # As FdStream.from_fd: an Fd is taken once the channel owns the socket;
+    # a refusal (wrong socket kind, bad limits) leaves it the caller's.
+    s1, s2 = socket.socketpair()
+    owned = Fd(s1.detach())
+    with pytest.raises(TypeError, match="limits must be a Limits"):
+        FdChannel.from_fd(owned, limits=3)  # type: ignore[arg-type]
+    assert not owned.closed
+    a = FdChannel.from_fd(owned, close_timeout=1)
+    assert owned.closed  # taken: the channel owns the number now
+    async with a, FdChannel.from_socket(s2) as b:
+        assert a.close_timeout == 1
+        await a.send(b"x")
+        assert (await b.receive()).data == b"x"
+    check_from_fd_refusals(FdChannel.from_fd)
+
+
 async def test_from_socket_refuses_the_wrong_kind() -> None:
     with socket.socket(socket.AF_INET) as tcp:
         with pytest.raises(ValueError, match="AF_UNIX"):
             FdChannel.from_socket(tcp)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as seq:
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
-            FdChannel.from_socket(seq)
-        fd = seq.fileno()
-        with pytest.raises(ValueError, match="SOCK_STREAM"):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dgram:
+        with pytest.raises(ValueError, match="SOCK_DGRAM.*FdDatagramSocket"):
+            FdChannel.from_socket(dgram)
+        fd = dgram.fileno()
+        with pytest.raises(ValueError, match="SOCK_STREAM or SOCK_SEQPACKET"):
             FdChannel.from_fd(fd)
         os.fstat(fd)  # from_fd failed: the caller still owns it
     with pytest.raises(TypeError):

@@ -2,7 +2,8 @@
 
 Like trio's ``check_two_way_stream`` / ``check_half_closeable_stream`` do
 for byte streams, but one test per clause of the contract, each run over
-``channel_pair()`` (:class:`FdChannel`, an ``ObjectStream[Message]``) and
+``channel_pair()`` (:class:`FdChannel`, an ``ObjectStream[Message]``), its
+SOCK_SEQPACKET kind ``channel_pair(kind="seqpacket")``, and
 ``stream_pair()`` (:class:`FdStream`, bytes plus descriptors), so a broken
 clause names itself in the test id instead of hiding the clauses after it.
 The quoted contract text is from anyio's ``abc/_streams.py`` and
@@ -37,6 +38,10 @@ def _channels() -> tuple[End, End]:
     return channel_pair()
 
 
+def _packets() -> tuple[End, End]:
+    return channel_pair(kind="seqpacket")
+
+
 def _streams() -> tuple[End, End]:
     return stream_pair()
 
@@ -44,6 +49,7 @@ def _streams() -> tuple[End, End]:
 @pytest.fixture(
     params=[
         pytest.param(_channels, id="FdChannel"),
+        pytest.param(_packets, id="FdChannel-seqpacket"),
         pytest.param(_streams, id="FdStream"),
     ]
 )
@@ -386,7 +392,7 @@ async def test_typed_attributes(make_pair: Maker) -> None:
             assert isinstance(raw, socket.socket)
             assert raw.fileno() == end.fileno()
             assert raw.family == socket.AF_UNIX
-            assert raw.type == socket.SOCK_STREAM
+            assert raw.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
             # A socketpair's ends are unnamed: AF_UNIX gives "" for both.
             assert end.extra(SocketAttribute.local_address) == ""
             assert end.extra(SocketAttribute.remote_address) == ""

@@ -41,12 +41,22 @@ EXPECTED = {
         "REFUSED: uid",
         "ttyS0 is free again",
     ],
+    "device_broker_dgram": [
+        "ttyS0: GRANTED; the device says 'ttyS0 instrument",
+        "ttyS1: REFUSED: EACCES",
+        "x: REFUSED: ENOENT",
+    ],
     "shm_ring": ["shared memory ring: 8 MiB", "channel records: 8 MiB"],
     "hot_restart": [
         "[gen 3 pid",
         "successor pid",
         "handed the listening socket over",
         "0 refused",
+    ],
+    "systemd_restart": [
+        "stored the listening socket as 'listener'",
+        "with the fd store",
+        "the client that came while no server ran was answered",
     ],
     # The cookbook's recipes (docs/foreign-protocols.md), each with a C peer.
     "foreign_apue": [

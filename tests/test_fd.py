@@ -199,19 +199,27 @@ def received(numbers: list[int], data: bytes = b"") -> Message:
 
 def contiguous_run(r: int, n: int) -> tuple[int, list[int], int]:
     """Dup ``r`` into a run of ``n`` numbers with an open neighbour each side."""
-    while True:
-        before = os.dup(r)
-        run = [os.dup(r) for _ in range(n)]
-        after = os.dup(r)
-        if run == list(range(before + 1, before + 1 + n)) and after == run[-1] + 1:
-            return before, run, after
-        for fd in (before, *run, after):  # a hole in the table: try higher up
+    # The numbers of a try that straddled a hole stay open until a try
+    # succeeds: closed at once, the next try would get the same numbers.
+    held: list[int] = []
+    try:
+        while True:
+            fds = [os.dup(r) for _ in range(n + 2)]
+            if fds == list(range(fds[0], fds[0] + n + 2)):
+                return fds[0], fds[1:-1], fds[-1]
+            held += fds
+    finally:
+        for fd in held:
             os.close(fd)
 
 
 def test_received_message_closes_exactly_its_run_without_wrapping() -> None:
     r, w = os.pipe()
+    # A hole in the table under an open number: the run must go past it.
+    hole, above = os.dup(r), os.dup(r)
+    os.close(hole)
     before, run, after = contiguous_run(r, 64)
+    os.close(above)
     baseline = open_fds()
     msg = received(list(reversed(run)), b"data")
     assert msg.nfds == 64 and msg.data == b"data"

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,9 +23,10 @@ import pytest
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from aiofdpass import open_child_process
+from aiofdpass import LimitError, open_child_process
 from aiofdpass.prefork import (
     PoolStatistics,
+    Route,
     WorkerPool,
     WorkerStartError,
     WorkerStatistics,
@@ -117,7 +119,9 @@ async def test_dispatch_ack_and_serve(anyio_backend: object) -> None:
                 seen.add(pid)
             # Least loaded: four open connections are spread over both.
             assert seen == set(workers)
-            await until(pool, lambda s: s.in_flight == 4)
+            # Answered, but the "taken" reports may still be on their way:
+            # in_flight == 4 alone would not wait for them.
+            await until(pool, lambda s: [w.active for w in s.workers] == [2, 2])
             stats = pool.statistics()
             # Every worker acknowledged: the master holds no copies any more.
             assert [w.pending for w in stats.workers] == [0, 0]
@@ -397,3 +401,225 @@ async def test_dispatch_before_entering(anyio_backend: object) -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
         await pool.dispatch(a)
+
+
+# -- attacks on the promises (issue 14's review) --------------------------------
+
+
+async def reset_by_client(listener: socket.socket, pool: WorkerPool) -> None:
+    """Dispatch a connection whose client resets it before the worker wraps it."""
+    client = socket.create_connection(listener.getsockname()[:2])
+    sock, _ = listener.accept()
+    with sock:
+        await pool.dispatch(sock)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        await anyio.wait_readable(sock)  # the reset arrived
+        with pytest.raises(OSError, match="not connected"):
+            sock.getpeername()  # what SocketStream.from_socket checks
+
+
+async def test_a_connection_reset_before_the_worker_wraps_it(
+    anyio_backend: object,
+) -> None:
+    # It used to crash the worker (anyio refuses to wrap an unconnected
+    # socket) and every connection it was serving with it.
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=1) as pool:
+        with anyio.fail_after(30):
+            client = await connect(listener, pool)
+            async with client.stream:
+                pid, _ = await client.ask("before")
+                await stop_and_confirm(pid)
+                await reset_by_client(listener, pool)
+                os.kill(pid, signal.SIGCONT)
+                await until(pool, lambda s: s.served == 1)
+                assert await client.ask("after") == (pid, "after")
+        worker = pool.statistics().workers[0]
+        assert (worker.errors, worker.restarts) == (1, 0)
+
+
+async def test_large_meta_is_refused(anyio_backend: object) -> None:
+    # Over the channel's max_payload, it used to be taken for a dead
+    # worker's channel: dispatch returned and the connection waited in the
+    # pool until stop(). Over 64 KiB, a dispatch cancelled while the worker
+    # was busy left the record half written, and the worker, taking the
+    # broken channel for a dead master, dropped every connection it served.
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=2) as pool:
+        stream = await anyio.connect_tcp(*listener.getsockname()[:2])
+        sock, _ = listener.accept()
+        async with stream:
+            with sock:
+                for size in (2**16, 2**24):
+                    with pytest.raises(LimitError, match="over the pool's limit"):
+                        await pool.dispatch(sock, {"big": "x" * size}, close=True)
+                assert copies_of(sock.fileno()) == 1  # still the caller's
+        stats = pool.statistics()
+        assert (stats.dispatched, stats.waiting, stats.closed) == (0, 0, 0)
+        assert [w.restarts for w in stats.workers] == [0, 0]
+
+
+def route_that_raises(fails: Callable[[int], bool]) -> Route:
+    """Route to the first worker given, but raise on the calls ``fails`` picks."""
+    calls = 0
+
+    def route(workers: Sequence[WorkerStatistics], key: object, meta: object) -> int:
+        nonlocal calls
+        calls += 1
+        if fails(calls):
+            raise RuntimeError(f"route is broken on call {calls}")
+        return workers[0].index
+
+    return route
+
+
+async def test_a_route_that_raises_on_re_dispatch(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A route that raises when a dead worker's connections are sent again
+    # used to end that slot's supervisor: the pool failed and the
+    # connection's copy leaked.
+    route = route_that_raises(lambda call: call > 1)
+    async with (
+        tcp_listener() as listener,
+        WorkerPool(TARGET, workers=2, route=route) as pool,
+    ):
+        with anyio.fail_after(30):
+            victim, other = pids(pool)
+            await stop_and_confirm(victim)
+            client = await connect(listener, pool)
+            os.kill(victim, signal.SIGKILL)
+            async with client.stream:
+                assert await client.ask("re-dispatched") == (other, "re-dispatched")
+            assert pool.statistics().redispatched == 1
+    assert "route raised RuntimeError('route is broken on call 2')" in caplog.text
+
+
+async def test_leaving_after_a_cancelled_stop_still_stops_the_workers(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stop() that was cancelled used to count as done: leaving the block
+    # then waited for the workers with no deadline and no kill, forever for
+    # one that does not exit (here stopped; in life a handler that ignores
+    # cancellation or a blocked event loop).
+    with anyio.fail_after(30):
+        async with WorkerPool(TARGET, workers=1) as pool:
+            stuck = pids(pool)[0]
+            pidfd = os.pidfd_open(stuck)
+            await stop_and_confirm(stuck)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await pool.stop(drain_timeout=0)
+        try:
+            await anyio.wait_readable(pidfd)  # it exited
+        finally:
+            os.close(pidfd)
+    assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text
+
+
+async def test_cancelling_the_start_kills_a_worker_stuck_importing(
+    anyio_backend: object,
+) -> None:
+    # Cancelling `async with WorkerPool(...)` while a worker was still
+    # importing its target used to wait (shielded) for that worker to exit:
+    # forever, for an import that never finishes.
+    pool = WorkerPool("tests.prefork_stuck:handler", workers=1)
+    entering = anyio.CancelScope()
+
+    async def enter() -> None:
+        with entering:
+            async with pool:
+                pytest.fail("the pool cannot start")  # pragma: no cover
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter)
+            await until(pool, lambda s: s.workers[0].pid is not None)
+            stuck = pids(pool)[0]
+            pidfd = os.pidfd_open(stuck)
+            flags = os.WSTOPPED | os.WNOWAIT
+            await anyio.to_thread.run_sync(os.waitid, os.P_PID, stuck, flags)
+            entering.cancel()
+        try:
+            await anyio.wait_readable(pidfd)  # killed and reaped
+        finally:
+            os.close(pidfd)
+
+
+async def test_dispatching_what_is_not_a_stream_socket(anyio_backend: object) -> None:
+    # A pipe used to crash the worker that got it (no socket to make of it),
+    # then every worker it was re-dispatched to, in turn. A datagram socket
+    # ends only its own connection in the worker.
+    async with WorkerPool(TARGET, workers=2) as pool:
+        r, w = os.pipe()
+        try:
+            with pytest.raises(TypeError, match="stream socket"):
+                await pool.dispatch(r, close=True)
+            os.fstat(r)  # still the caller's
+        finally:
+            os.close(r)
+            os.close(w)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with pytest.raises(TypeError, match="stream socket"):
+                await pool.dispatch(udp)
+            with anyio.fail_after(30):
+                await pool.dispatch(udp.fileno())  # a number: the worker says no
+                await until(pool, lambda s: s.served == 1)
+        stats = pool.statistics()
+        assert sum(w.errors for w in stats.workers) == 1
+        assert [w.restarts for w in stats.workers] == [0, 0]
+
+
+async def test_serve_tcp_survives_a_dispatch_that_raises(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A dispatch that raised (here the route; in life EMFILE for the pool's
+    # copy) used to end serve_tcp, and leave the accepted socket open.
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(
+                lambda task_status: serve_tcp(
+                    "127.0.0.1",
+                    0,
+                    TARGET,
+                    workers=1,
+                    route=route_that_raises(lambda call: call == 1),
+                    task_status=task_status,
+                )
+            )
+            async with await anyio.connect_tcp(host, port) as stream:
+                assert await Client(stream).closed_by_server()
+            async with await anyio.connect_tcp(host, port) as stream:
+                assert (await Client(stream).ask("next"))[1] == "next"
+            tg.cancel_scope.cancel()
+    assert "unserved: RuntimeError('route is broken on call 1')" in caplog.text
+
+
+async def test_a_restarted_worker_gets_its_keys_back(anyio_backend: object) -> None:
+    # Consistent hashing over slots: a restart moves no key for good.
+    keys = [f"tenant {n}" for n in range(12)]
+
+    async def owners(listener: socket.socket, pool: WorkerPool) -> dict[str, int]:
+        slot_of = {w.pid: w.index for w in pool.statistics().workers}
+        found = {}
+        for key in keys:
+            client = await connect(listener, pool, key=key)
+            async with client.stream:
+                pid, _ = await client.ask(key)
+            found[key] = slot_of[pid]
+        return found
+
+    async with tcp_listener() as listener, WorkerPool(TARGET, workers=3) as pool:
+        with anyio.fail_after(30):
+            before = await owners(listener, pool)
+            assert len(set(before.values())) > 1
+            victim = pool.statistics().workers[before[keys[0]]]
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            await until(
+                pool,
+                lambda s: (
+                    s.workers[victim.index].restarts == 1
+                    and s.workers[victim.index].available
+                ),
+            )
+            assert await owners(listener, pool) == before

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import gc
 import logging
+import os
 import re
 import resource
 import socket
@@ -40,7 +41,7 @@ import uvloop
 from anyio.lowlevel import checkpoint
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from aiofdpass import FdChannel, ProtocolError, channel_pair
+from aiofdpass import FdChannel, ProtocolError, channel_pair, create_datagram_socket
 from aiofdpass.prefork import WorkerPool
 
 from .helpers import copies_of, pipe, raw, small_buffers
@@ -722,6 +723,56 @@ def test_close_timeout_defaults_to_at_most_ten_seconds_and_can_be_set() -> None:
                 assert planned(pair[1]).close_timeout == value, how
     finally:
         run_asyncio(lambda: close_quietly(*chans))
+
+
+# -- packet sockets: SEQPACKET channels and datagram sockets ------------------
+
+
+async def deliver_packets() -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+    """200 SEQPACKET records and 100 datagrams, each with a descriptor.
+
+    Both overflow what the kernel holds (about ten packets: the channel's
+    small send buffer, the receiver's datagram queue), so the channel's
+    background writer and the datagram socket's wait for room must run
+    under every loop.
+    """
+    records: list[tuple[bytes, int]] = []
+    datagrams: list[tuple[bytes, int]] = []
+    a, b = channel_pair(kind="seqpacket")
+    small_buffers(raw(a))
+    name = f"\0aiofdpass-run-modes-{os.getpid()}-{id(records)}"
+    receiver = await create_datagram_socket(name)
+    sender = await create_datagram_socket()
+    with pipe() as (r, _):
+        try:
+            for i in range(200):
+                await a.send(b"p%d" % i, [r])
+
+            async def send_datagrams() -> None:
+                for i in range(100):
+                    await sender.send(b"d%d" % i, [r], to=name)
+
+            with anyio.move_on_after(DEADLINE):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send_datagrams)
+                    for _ in range(200):
+                        with await b.receive() as msg:
+                            records.append((msg.data, len(msg.fds)))
+                    for _ in range(100):
+                        with (await receiver.receive()).message as msg:
+                            datagrams.append((msg.data, len(msg.fds)))
+        finally:
+            await close_quietly(b, a)
+            await receiver.aclose()
+            await sender.aclose()
+    return records, datagrams
+
+
+@pytest.mark.parametrize("run", RUNNERS)
+def test_packet_sockets_deliver_everything(run: Runner) -> None:
+    records, datagrams = run(deliver_packets)
+    assert records == [(b"p%d" % i, 1) for i in range(200)]
+    assert datagrams == [(b"d%d" % i, 1) for i in range(100)]
 
 
 # -- a worker pool under every runner -----------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiofdpass
-from aiofdpass import Fd, FdStream, LimitError, stream_pair
+from aiofdpass import DescriptorsLostError, Fd, FdStream, LimitError, stream_pair
 
-from .helpers import examples, identity, pipe, raw
+from .helpers import (
+    check_from_fd_refusals,
+    copies_of,
+    examples,
+    identity,
+    limit_with_free_slots,
+    pipe,
+    raw,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -117,6 +127,38 @@ async def test_stream_close_and_busy() -> None:
             await b.receive_with_fds()
 
 
+async def test_a_blocked_read_is_busy_for_others_and_aclose_wakes_it() -> None:
+    # A receive_until has read bytes and a descriptor and waits for its
+    # delimiter: every other receiving call is busy (and takes nothing);
+    # aclose() from two tasks at once wakes it and closes the queue.
+    a, b = stream_pair()
+    with pipe() as (_, w):
+        async with a:
+            await a.send(b"no delimiter yet", [w])
+            async with anyio.create_task_group() as tg:
+
+                async def reader() -> None:
+                    with pytest.raises(anyio.ClosedResourceError):
+                        await b.receive_until(b";", 100)
+
+                tg.start_soon(reader)
+                await anyio.wait_all_tasks_blocked()
+                assert b.queued_fds == 1
+                for call in (
+                    b.receive(),
+                    b.receive_with_fds(),
+                    b.receive_exactly(1),
+                    b.receive_until(b"y", 100),
+                ):
+                    with pytest.raises(anyio.BusyResourceError):
+                        await call
+                assert b.queued_fds == 1
+                tg.start_soon(b.aclose)
+                tg.start_soon(b.aclose)
+            assert b.queued_fds == 0
+            assert copies_of(w) == 2  # the pipe's own ends: the copy is closed
+
+
 @contextmanager
 def memfds(n: int) -> Iterator[list[int]]:
     """``n`` distinct open files (memfds), closed on the way out."""
@@ -158,6 +200,8 @@ async def test_receive_returns_bytes_and_queues_the_fds() -> None:
             # The kernel glues the rest of the first send to the second.
             assert await b.receive() == b"cdef"
             assert b.queued_fds == 3
+            assert b.take_fds(0) == []
+            assert b.queued_fds == 3
             assert ids(b.take_fds(1), files) == [0]
             assert ids(b.take_fds(5), files) == [1, 2]  # at most what is queued
             assert b.take_fds() == []
@@ -166,6 +210,35 @@ async def test_receive_returns_bytes_and_queues_the_fds() -> None:
                 b.take_fds(-1)
             with pytest.raises(TypeError, match="int or None"):
                 b.take_fds(True)
+
+
+async def test_a_full_descriptor_queue_refuses_to_read_and_loses_nothing() -> None:
+    a, b = stream_pair()
+    with memfds(4) as files:
+        async with a, b:
+            assert b.max_queued_fds == 256
+            b.max_queued_fds = 2
+            for i in range(4):
+                await a.send(bytes([65 + i]), files[i : i + 1])
+            assert await b.receive(1) == b"A"
+            assert await b.receive(1) == b"B"
+            assert b.queued_fds == 2
+            for read in (
+                b.receive(),
+                b.receive_with_fds(),
+                b.receive_exactly(1),
+                b.receive_until(b"D", 10),
+            ):
+                with pytest.raises(LimitError, match="take_fds"):
+                    await read
+            assert b.queued_fds == 2  # nothing was read, nothing dropped
+            assert ids(b.take_fds(), files) == [0, 1]
+            data, fds = await b.receive_exactly(2)
+            assert (data, ids(fds, files)) == (b"CD", [2, 3])
+            with pytest.raises(ValueError, match="at least 1"):
+                b.max_queued_fds = 0
+            with pytest.raises(TypeError, match="int"):
+                b.max_queued_fds = 2.0  # type: ignore[assignment]
 
 
 async def test_buffered_bytes_come_first_without_a_read() -> None:
@@ -197,6 +270,21 @@ async def test_buffered_byte_receive_stream_wraps_an_fdstream() -> None:
             # The descriptor waited in the stream's queue.
             assert ids(b.take_fds(), files) == [0]
         assert b.closed
+
+
+async def test_a_huge_max_bytes_reads_what_is_there() -> None:
+    # max_bytes is the most to return, not a buffer to allocate: a caller
+    # that means "whatever is there" must not get OverflowError/MemoryError.
+    a, b = stream_pair()
+    with memfds(1) as files:
+        async with a, b:
+            await a.send(b"abc")
+            assert await b.receive(sys.maxsize) == b"abc"
+            await a.send(b"def", files)
+            data, fds = await b.receive_with_fds(sys.maxsize)
+            assert (data, ids(fds, files)) == (b"def", [0])
+            await a.send(b"g;")
+            assert await b.receive_until(b";", sys.maxsize) == (b"g", [])
 
 
 async def test_receive_exactly_across_chunk_boundaries() -> None:
@@ -253,6 +341,28 @@ async def test_a_descriptor_glued_to_earlier_bytes_comes_no_later() -> None:
             assert data == b"plai"  # the read brought b"plainwithfd" and its fd
             assert ids(fds, files) == [1]
             assert await b.receive_exactly(6) == (b"withfd", [])
+
+
+async def test_bytes_read_ahead_bring_their_descriptors_early() -> None:
+    # receive_exactly is exact only for what it reads itself. Bytes an
+    # earlier call read ahead (a receive_until that found no delimiter, a
+    # cancelled or incomplete read for more) come from the buffer, with the
+    # descriptors of the reads that brought them: the kernel glues b"xy" to
+    # b"z" and its descriptor, so "xy" returns it, one call early.
+    a, b = stream_pair()
+    with memfds(2) as files:
+        async with a, b:
+            for i, read_ahead in enumerate((True, False)):
+                await a.send(b"xy")
+                await a.send(b"z", files[i : i + 1])
+                if read_ahead:
+                    with pytest.raises(anyio.DelimiterNotFound):
+                        await b.receive_until(b";", 2)  # reads b"xyz" and the fd
+                first, with_first = await b.receive_exactly(2)
+                second, with_second = await b.receive_exactly(1)
+                assert (first, second) == (b"xy", b"z")
+                early = ids(with_first, files), ids(with_second, files)
+                assert early == (([i], []) if read_ahead else ([], [i]))
 
 
 async def test_receive_until() -> None:
@@ -346,6 +456,32 @@ async def test_descriptors_sent_with_no_bytes_never_arrive() -> None:
             assert b.queued_fds == 0
 
 
+async def test_lost_descriptors_close_what_the_stream_buffered() -> None:
+    # MSG_CTRUNC breaks the stream, as it breaks a channel: the descriptors
+    # queued before it (with bytes still buffered) are closed at once, not
+    # held open, unreachable by any read, until aclose().
+    a, b = stream_pair()
+    with pipe() as (_, w):
+        async with a, b:
+            await a.send(b"ab", [w])
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 1)  # "ab" buffered, w queued
+            assert b.queued_fds == 1
+            await a.send(b"cd", [w] * 50)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_with_free_slots(2), hard))
+            try:
+                with pytest.raises(DescriptorsLostError, match="RLIMIT_NOFILE"):
+                    await b.receive_exactly(4)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert b.queued_fds == 0
+            assert b.take_fds() == []
+            assert copies_of(w) == 2  # the pipe's own ends: every copy is closed
+            with pytest.raises(anyio.BrokenResourceError, match="MSG_CTRUNC"):
+                await b.receive()
+
+
 async def test_aclose_closes_the_queued_descriptors() -> None:
     a, b = stream_pair()
     r, w = os.pipe()
@@ -360,6 +496,23 @@ async def test_aclose_closes_the_queued_descriptors() -> None:
         assert os.read(r, 1) == b""
     finally:
         os.close(r)
+
+
+async def test_a_dropped_stream_closes_its_queue_and_warns() -> None:
+    # Dropped without aclose(): its finaliser closes the socket and the
+    # descriptors queued in the stream, and says so.
+    a, b = stream_pair()
+    with pipe() as (_, w):
+        async with a:
+            await a.send(b"abc", [w])
+            with pytest.raises(anyio.DelimiterNotFound):
+                await b.receive_until(b";", 2)  # bytes buffered, w queued
+            assert b.queued_fds == 1
+            with pytest.warns(ResourceWarning, match="unclosed FdStream"):
+                del b  # the last reference
+            assert copies_of(w) == 2  # the pipe's own ends: the copy is closed
+            with pytest.raises(anyio.EndOfStream):
+                await a.receive()
 
 
 async def test_a_cancelled_exact_read_loses_nothing() -> None:
@@ -395,12 +548,8 @@ async def test_from_fd_takes_an_fd_only_on_success() -> None:
         with pytest.raises(ValueError, match="FdStream is a byte stream"):
             FdStream.from_fd(refused)
         assert not refused.closed  # still the caller's
-        os.fstat(refused.fileno())
         refused.close()
-    closed = Fd(os.dup(0))
-    closed.close()
-    with pytest.raises(ValueError, match="closed or taken"):
-        FdStream.from_fd(closed)
+    check_from_fd_refusals(FdStream.from_fd)
     with pytest.raises(TypeError, match="descriptor number or an Fd"):
         FdStream.from_fd("3")  # type: ignore[arg-type]
 
@@ -417,6 +566,12 @@ async def test_send_takes_a_list_of_buffers_and_names_its_parameter() -> None:
                 await a.send(["text"])  # type: ignore[list-item]
             with pytest.raises(TypeError, match=r"send\(data\).*not int"):
                 await a.send(3)  # type: ignore[arg-type]
+            # A str is a sequence, but never bytes-like, even when empty.
+            for text in ("", "text"):
+                with pytest.raises(TypeError, match=r"send\(data\).*not str"):
+                    await a.send(text)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="not C-contiguous"):
+                await a.send(memoryview(b"abcd")[::2])
             with pytest.raises(ValueError, match="at least one byte"):
                 await a.send([b"", b""], files)
             many = [b"%d," % i for i in range(2000)]  # over IOV_MAX (1024)

@@ -118,5 +118,35 @@ def main() -> None:
         data, fds, _ = receive(b, big)
         print("next read:", data, len(fds), "fds")
 
+    packets(big)
+
+
+def packets(big: int) -> None:
+    """SOCK_SEQPACKET: the kernel keeps the boundaries (one packet, one read)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        # An empty packet and the end of the stream read the same...
+        a.send(b"")
+        print("empty packet:", receive(b, big))
+        # ... unless SO_PASSCRED is on: then every packet brings credentials
+        # (also one queued before the option was set), and the end none.
+        a.send(b"")
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        _, ancdata, _, _ = b.recvmsg(100, big)
+        print("empty packet with SO_PASSCRED:", len(ancdata), "control message")
+        # The next packet's length, peeked without a control buffer, then the
+        # packet read with none: its descriptors never enter this process.
+        r, w = os.pipe()
+        socket.send_fds(a, [b"x" * 1000], [r, w])
+        close_all([r, w])
+        length = b.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        _, ancdata, flags, _ = b.recvmsg(1, 0)
+        dropped = bool(flags & socket.MSG_CTRUNC) and not ancdata
+        print(f"peeked length: {length}; read with no control buffer:", end=" ")
+        print(f"fds dropped {dropped}")
+        a.close()
+        _, ancdata, _, _ = b.recvmsg(100, big)
+        print("end of stream with SO_PASSCRED:", len(ancdata), "control messages")
+
 
 main()

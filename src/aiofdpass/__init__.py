@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._channel import FdChannel, channel_pair
 from ._credentials import FdPassAttribute, PeerCredentials, same_user
+from ._datagram import Datagram, FdDatagramSocket, create_datagram_socket
 from ._errors import DescriptorsLostError, FdPassError, LimitError, ProtocolError
 from ._fd import Fd
 from ._message import Limits, Message
@@ -29,9 +30,11 @@ from ._version import __version__
 __all__ = [
     "CHANNEL_FD_ENV",
     "ChannelStatistics",
+    "Datagram",
     "DescriptorsLostError",
     "Fd",
     "FdChannel",
+    "FdDatagramSocket",
     "FdListener",
     "FdPassAttribute",
     "FdPassError",
@@ -48,6 +51,7 @@ __all__ = [
     "channel_pair",
     "connect",
     "connect_stream",
+    "create_datagram_socket",
     "listen",
     "listen_stream",
     "open_child_process",

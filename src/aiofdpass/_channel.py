@@ -14,6 +14,7 @@ from ._codec import HEADER_SIZE, MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import as_fd_list, close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
+from ._fd import Fd
 from ._message import Limits, Message
 from ._statistics import ChannelStatistics
 from ._transport import OPEN
@@ -22,11 +23,15 @@ from ._writer import DEFAULT_CLOSE_TIMEOUT, DIRECT_BYTES, DIRECT_FDS
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
 
-__all__ = ["FdChannel", "channel_pair"]
+    from ._backend import Driver
+
+__all__ = ["FdChannel", "channel_pair", "socket_type"]
 
 logger = logging.getLogger("aiofdpass")
 
 _DEFAULT_LIMITS = Limits()
+# The kernel refuses a packet over SO_SNDBUF less this (EMSGSIZE).
+_SKB_OVERHEAD = 32
 # receive() yields at least every 32nd call when records are buffered.
 _YIELD_EVERY_MASK = 31
 
@@ -44,7 +49,14 @@ class FdChannel(Connection, ObjectStream[Message]):
     One task at a time may receive. A channel belongs to the event loop that
     uses it; once that loop has ended, another one (also of another kind)
     may use it.
+
+    Over a ``SOCK_SEQPACKET`` socket (``kind="seqpacket"``) a record is
+    exactly one packet, with no aiofdpass header: any SEQPACKET peer
+    interoperates, and the kernel's packet boundaries are the framing.
     """
+
+    _SOCKET_TYPES = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+    _WRONG_TYPE_ADVICE = "for SOCK_DGRAM use FdDatagramSocket"
 
     def __init__(
         self,
@@ -66,6 +78,13 @@ class FdChannel(Connection, ObjectStream[Message]):
         self._records_sent = self._receive_failures = 0
         # A broken channel closes the descriptors it received at once.
         self._transport.on_recv_break = self._decoder.close
+        self._packets = self._transport.packets
+        if self._packets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            # The kernel refuses (EMSGSIZE) a packet over SO_SNDBUF - 32.
+            self._max_packet = (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - _SKB_OVERHEAD
+            )
 
     @classmethod
     def from_socket(
@@ -75,7 +94,14 @@ class FdChannel(Connection, ObjectStream[Message]):
         limits: Limits | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Self:
-        """Adopt a connected AF_UNIX stream socket (e.g. one a child inherited).
+        """Adopt a connected AF_UNIX socket (e.g. one a child inherited).
+
+        ``SOCK_STREAM`` carries records with the aiofdpass header;
+        ``SOCK_SEQPACKET`` carries one record per packet, with none (see
+        ``docs/protocol.md``). On a SEQPACKET socket the channel turns on
+        ``SO_PASSCRED``, so that an empty packet can be told from end of
+        stream (the kernel then also binds the socket to an abstract name
+        of its choosing when it first sends, if it had none).
 
         The channel owns the socket from now on and closes it in
         :meth:`aclose`. The socket is switched to non-blocking mode.
@@ -84,30 +110,33 @@ class FdChannel(Connection, ObjectStream[Message]):
         :param close_timeout: how long :meth:`aclose` waits for queued
             records (:attr:`close_timeout`).
         :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
-            socket (a listening one included).
+            or ``SOCK_SEQPACKET`` socket (a listening one included).
         """
         return cls(sock, limits=limits, close_timeout=close_timeout)
 
     @classmethod
     def from_fd(
         cls,
-        fd: int,
+        fd: int | Fd,
         *,
         limits: Limits | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Self:
-        """Adopt a connected AF_UNIX stream socket given by descriptor number.
+        """Adopt a connected AF_UNIX socket by number, or as an :class:`Fd`.
 
         Typical in a child process that got its end of :func:`channel_pair`
-        through ``pass_fds``. The channel owns the descriptor from now on.
-        The keyword arguments are those of :meth:`from_socket`.
+        through ``pass_fds``, or with a socket received as an ``Fd``. The
+        channel owns the descriptor only once this returns (an ``Fd`` is
+        then taken); if it raises, the caller still owns it. The keyword
+        arguments are those of :meth:`from_socket`.
 
-        :raises TypeError: if ``fd`` is not an ``int``.
+        :raises TypeError: if ``fd`` is neither an ``int`` nor an ``Fd``, or
+            ``limits`` is not a :class:`Limits`.
         :raises OSError: ``EBADF`` or ``ENOTSOCK`` if ``fd`` is not an open
             socket.
         :raises ValueError: if it is not a connected AF_UNIX ``SOCK_STREAM``
-            socket (a listening one included);
-            the caller still owns ``fd``.
+            or ``SOCK_SEQPACKET`` socket (a listening one included), or the
+            ``Fd`` is closed.
         """
         return adopt_fd(
             fd, lambda sock: cls(sock, limits=limits, close_timeout=close_timeout)
@@ -221,14 +250,26 @@ class FdChannel(Connection, ObjectStream[Message]):
                 f"max_fds of {limits.max_fds} (Linux carries at most 253 "
                 "per sendmsg); split them across records. Nothing was sent"
             )
-        header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+        if self._packets:
+            if nbytes > self._max_packet:
+                raise LimitError(
+                    f"the payload is {nbytes} bytes, over the {self._max_packet} "
+                    "that one packet can hold on this socket (SO_SNDBUF less "
+                    "32): split it across records, or raise SO_SNDBUF before "
+                    "making the channel. Nothing was sent"
+                )
+            header = b""  # one packet, one record: no header
+            head = 0
+        else:
+            header = pack_header(MAGIC, VERSION, 0, nfds, 0, nbytes)
+            head = HEADER_SIZE
         writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
             await writer.send_direct(header, payload, numbers)
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
         self._records_sent += 1
-        self._bytes_sent += HEADER_SIZE + nbytes
+        self._bytes_sent += head + nbytes
         self._fds_sent += nfds
         if close_fds:
             if forwarded is not None:
@@ -246,12 +287,19 @@ class FdChannel(Connection, ObjectStream[Message]):
         buffered. Records this channel queued for sending are written
         before it waits.
 
+        On a ``SOCK_SEQPACKET`` channel a record is one packet: an empty
+        packet is ``Message(b"")``, a packet over the limits raises
+        :class:`ProtocolError` with its descriptors closed, and so does
+        ``MSG_CTRUNC`` with :class:`DescriptorsLostError`; the kernel kept
+        the boundaries, so the next packet is intact and the channel stays
+        usable.
+
         :raises anyio.EndOfStream: when the peer closed between records (an
             ``async for`` loop ends there).
         :raises ProtocolError: if the peer broke the framing (including
-            closing inside a record); the channel is broken afterwards.
+            closing inside a record); a stream channel is broken afterwards.
         :raises DescriptorsLostError: if the kernel dropped descriptors
-            (``MSG_CTRUNC``); the channel is broken afterwards.
+            (``MSG_CTRUNC``); a stream channel is broken afterwards.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the channel broke.
@@ -285,6 +333,8 @@ class FdChannel(Connection, ObjectStream[Message]):
                     raise EndOfStream
                 if self._writer.outbox.nbytes:
                     self._writer.idle()  # what we queued goes out before we read
+                if self._packets:  # the decoder stays empty: read one packet
+                    return await self._receive_packet(driver)
                 try:
                     view = decoder.get_buffer()
                 except ProtocolError as exc:  # out of memory for the record
@@ -321,6 +371,21 @@ class FdChannel(Connection, ObjectStream[Message]):
         finally:
             self._receiving = False
 
+    async def _receive_packet(self, driver: Driver) -> Message:
+        transport = self._transport
+        limits = self._limits
+        packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
+        while packet is None:
+            await driver.wait_readable()
+            packet = transport.try_recv_packet(limits.max_payload, limits.max_fds)
+        if not packet.control and not packet.data:
+            self._eof = True  # no credentials: not a packet, the end
+            logger.debug("end of stream from the peer on %r", self)
+            raise EndOfStream
+        self._bytes_received += len(packet.data)
+        self._fds_received += len(packet.fds)
+        return Message._unchecked(packet.data, packet.fds or None)
+
     def statistics(self) -> ChannelStatistics:
         """Return what this channel has sent and received, and what is queued now.
 
@@ -338,7 +403,11 @@ class FdChannel(Connection, ObjectStream[Message]):
             bytes_received=self._bytes_received,
             fds_received=self._fds_received,
             records_queued=outbox.nrecords,
-            bytes_queued=outbox.nbytes,
+            # A packet queue counts one more per packet (so that an empty
+            # packet counts as queued): not bytes that go over the socket.
+            bytes_queued=outbox.nbytes - outbox.nrecords
+            if self._packets
+            else outbox.nbytes,
             fds_queued=outbox.nfds,
             records_dropped=writer.dropped_records,
             bytes_dropped=writer.dropped_bytes,
@@ -355,10 +424,28 @@ class FdChannel(Connection, ObjectStream[Message]):
         return self._decoder.close
 
 
+def socket_type(kind: str) -> int:
+    """Return the socket type for ``kind=`` (``"stream"`` or ``"seqpacket"``)."""
+    if kind == "stream":
+        return socket.SOCK_STREAM
+    if kind == "seqpacket":
+        return socket.SOCK_SEQPACKET
+    raise ValueError(
+        f"kind must be 'stream' or 'seqpacket', not {kind!r}; for datagrams "
+        "use create_datagram_socket()"
+    )
+
+
 def channel_pair(
-    *, limits: Limits | None = None, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    *,
+    kind: str = "stream",
+    limits: Limits | None = None,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> tuple[FdChannel, FdChannel]:
     """Return two connected channels (a ``socketpair``).
+
+    ``kind="seqpacket"`` makes a ``SOCK_SEQPACKET`` pair: one packet per
+    record, no header (see :meth:`FdChannel.from_socket`).
 
     Use it within one program, or before starting a child process: hand the
     child one end's descriptor (``channel.fileno()`` in ``pass_fds``) and
@@ -366,9 +453,10 @@ def channel_pair(
     the parent. The keyword arguments are those of
     :meth:`FdChannel.from_socket`.
 
+    :raises ValueError: for a ``kind`` other than these two.
     :raises OSError: ``EMFILE`` if the process is out of descriptors.
     """
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a, b = socket.socketpair(socket.AF_UNIX, socket_type(kind))
     return (
         FdChannel(a, limits=limits, close_timeout=close_timeout),
         FdChannel(b, limits=limits, close_timeout=close_timeout),

@@ -102,6 +102,12 @@ class _Finaliser:
 class Connection(TypedAttributeProvider):
     """A connected AF_UNIX stream socket owned by a channel or stream."""
 
+    # The socket types a subclass adopts, and what to say for the others.
+    _SOCKET_TYPES: tuple[int, ...] = (socket.SOCK_STREAM,)
+    _WRONG_TYPE_ADVICE = (
+        "FdStream carries a byte stream; for SOCK_SEQPACKET use FdChannel, "
+        "for SOCK_DGRAM FdDatagramSocket"
+    )
     # The socket path as the user named it, where the kernel's name differs
     # (a path too long for sun_path is bound as /proc/self/fd/N/<name>):
     # set by connect() (remote) and accept() (local).
@@ -112,7 +118,7 @@ class Connection(TypedAttributeProvider):
         self, sock: socket.socket, close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     ) -> None:
         timeout = _check_timeout(close_timeout)
-        self._transport = Transport(sock)
+        self._transport = Transport(sock, self._SOCKET_TYPES, self._WRONG_TYPE_ADVICE)
         self._writer = Writer(self._transport, timeout)
         self._peer_credentials: PeerCredentials | None = None
         # statistics(): plain counters, bumped where a send or receive ends.

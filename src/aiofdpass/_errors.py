@@ -26,6 +26,10 @@ class ProtocolError(FdPassError):
     held has been closed and the channel is broken: later calls raise
     :class:`anyio.BrokenResourceError`. Close the channel; a new connection
     starts from a clean state.
+
+    On a ``SOCK_SEQPACKET`` channel or a datagram socket there is no header:
+    it is raised for one packet over the limits, whose descriptors are
+    closed, and the channel or socket goes on with the next packet.
     """
 
 
@@ -38,13 +42,21 @@ class DescriptorsLostError(FdPassError):
     descriptors that did arrive, and every descriptor the channel still
     buffered, have been closed, and the channel is broken.
     Close descriptors you no longer need (or raise the limit) and reconnect.
+    On a ``SOCK_SEQPACKET`` channel or a datagram socket only that packet
+    is lost (the descriptors that did arrive are closed); the next one is
+    intact and the channel or socket goes on.
     """
 
 
 class LimitError(FdPassError):
-    """A record to be sent is over a limit; nothing was written.
+    """A limit was reached before anything happened.
 
-    The channel is still usable and the caller still owns every descriptor
-    it passed. Send a smaller record, fewer descriptors, or raise the
-    channel's :class:`~aiofdpass.Limits`.
+    On send: the record is over a limit and nothing was written. The channel
+    is still usable and the caller still owns every descriptor it passed.
+    Send a smaller record, fewer descriptors, or raise the channel's
+    :class:`~aiofdpass.Limits`.
+
+    On an :class:`~aiofdpass.FdStream` read: :attr:`~aiofdpass.FdStream.max_queued_fds`
+    received descriptors wait untaken, and nothing was read. Take them
+    (:meth:`~aiofdpass.FdStream.take_fds`) or raise the limit, then read again.
     """

@@ -17,7 +17,9 @@ returned by the first call that returns any byte of its ``sendmsg``, never
 later; earlier only when the read that brought it also brought bytes this
 call returns, i.e. when the kernel glued them. A read never asks the kernel
 for more than the call needs when the call knows how much that is
-(``receive_exactly``), so there the attribution is exact.
+(``receive_exactly``), so there the attribution is exact, except for bytes
+an earlier call read ahead (``receive_until``, or a cancelled or incomplete
+read for more): they come with the marks of the reads that brought them.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from collections import deque
 
 from ._message import SCM_MAX_FD
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "PacketOutbox"]
 
 #: A segment stops growing past this many bytes (bounds one sendmsg).
 SEGMENT_BYTES = 256 * 1024
@@ -147,4 +147,69 @@ class Outbox:
     def __del__(self) -> None:
         # Never the only safety net (the channel logs and discards), but the
         # duplicates must not stay open for the life of the process.
+        self.discard()
+
+
+class PacketOutbox:
+    """The outbox of a packet socket: one ``sendmsg`` per record, never merged.
+
+    The same interface as :class:`Outbox`. On ``SOCK_SEQPACKET`` a
+    ``sendmsg`` is one packet, so merging records would merge packets; and
+    the kernel takes a packet whole or not at all (``EAGAIN``), so there is
+    no partial write to resume. :attr:`nbytes` counts each packet's bytes
+    plus one, so that a queued empty packet counts as something queued.
+    """
+
+    __slots__ = ("_packets", "nbytes", "nfds")
+
+    def __init__(self) -> None:
+        self._packets: deque[tuple[bytes, list[int]]] = deque()
+        #: Bytes queued (plus one per packet) and not yet written.
+        self.nbytes = 0
+        #: Descriptors queued (our duplicates) and not yet sent.
+        self.nfds = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._packets)
+
+    @property
+    def nrecords(self) -> int:
+        """Packets not yet written."""
+        return len(self._packets)
+
+    def add(self, header: bytes, payload: memoryview | bytes, fds: list[int]) -> None:
+        """Queue one packet; the outbox now owns the descriptor numbers ``fds``."""
+        data = header + payload if header else bytes(payload)
+        self._packets.append((data, fds))
+        self.nbytes += len(data) + 1
+        self.nfds += len(fds)
+
+    def add_tail(self, rest: bytes) -> None:  # pragma: no cover - never called
+        """Packets are never written in part: there is no tail to queue."""
+        raise AssertionError("a packet is written whole or not at all")
+
+    def peek(self) -> tuple[bytes, int, list[int]]:
+        """Return the next packet, 0, and its descriptors (see :meth:`Outbox.peek`)."""
+        data, fds = self._packets[0]
+        return data, 0, fds
+
+    def advance(self, sent: int) -> bool:
+        """Record that the next packet was sent; close its descriptors."""
+        data, fds = self._packets.popleft()
+        self.nbytes -= len(data) + 1
+        self.nfds -= len(fds)
+        for fd in fds:
+            os.close(fd)
+        return True
+
+    def discard(self) -> int:
+        """Drop every queued packet, close its descriptors; return how many."""
+        dropped = len(self._packets)
+        while self._packets:
+            for fd in self._packets.popleft()[1]:
+                os.close(fd)
+        self.nbytes = self.nfds = 0
+        return dropped
+
+    def __del__(self) -> None:
         self.discard()

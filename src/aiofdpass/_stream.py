@@ -23,13 +23,15 @@ if TYPE_CHECKING:
 
 __all__ = ["FdStream", "stream_pair"]
 
-# The most one read asks the kernel for: a peer's length field may be huge,
-# and the buffer grows only with what really arrives.
+# The most one read asks the kernel for: a peer's length field (or a caller's
+# max_bytes) may be huge, and the buffer grows only with what really arrives.
 _READ_CAP = 1024 * 1024
 # receive_until reads at most this much at a time past what it has.
 _UNTIL_READ = 64 * 1024
 # sendmsg takes at most IOV_MAX (1024) buffers; more are joined first.
 _MAX_BUFFERS = 64
+# How many received descriptors may wait untaken before a read is refused.
+DEFAULT_MAX_QUEUED_FDS = 256
 
 
 class FdStream(Connection, ByteStream):
@@ -51,12 +53,23 @@ class FdStream(Connection, ByteStream):
     descriptor comes with the first call that returns any byte of its
     ``sendmsg``, never later, and earlier only if the kernel glued earlier
     bytes to its read. :meth:`receive_exactly` asks the kernel for no more
-    than it needs, which makes it exact. Protocols that count their
+    than it needs, which makes it exact, unless it returns bytes that an
+    earlier call read ahead (a :meth:`receive_until`, or a cancelled or
+    incomplete read for more bytes). Protocols that count their
     descriptors in a header should take that many with :meth:`take_fds`.
     :meth:`receive` returns bytes only and leaves the descriptors queued.
-    Nothing is ever dropped; :meth:`aclose` closes what is still queued.
+    Nothing is ever dropped; :meth:`aclose` closes what is still queued, and
+    so does a stream that breaks (lost descriptors, ``MSG_CTRUNC``).
     Descriptors sent with no bytes at all never arrive: Linux drops them.
+
+    The queue is bounded: once :attr:`max_queued_fds` descriptors wait
+    untaken, the next call that would read refuses with :class:`LimitError`
+    before it reads (nothing is lost; take them and call again), so a peer
+    cannot fill the process's descriptor table through a reader that only
+    wants bytes.
     """
+
+    _max_queued_fds = DEFAULT_MAX_QUEUED_FDS
 
     def __init__(self, sock: socket.socket) -> None:
         """Adopt ``sock``; prefer :meth:`from_socket`, which documents this."""
@@ -73,6 +86,9 @@ class FdStream(Connection, ByteStream):
         self._inbox = Inbox()  # before the repr in the "opened" debug log
         super().__init__(sock)
         self._receive_guard = anyio.ResourceGuard("receiving from")
+        # A broken stream closes what it received at once, as a channel does:
+        # no read can return it any more.
+        self._transport.on_recv_break = self._inbox.close
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> Self:
@@ -102,6 +118,25 @@ class FdStream(Connection, ByteStream):
     def queued_fds(self) -> int:
         """How many received descriptors wait in the queue (see :meth:`take_fds`)."""
         return self._inbox.queued_fds
+
+    @property
+    def max_queued_fds(self) -> int:
+        """The most untaken descriptors a read may start with (default 256).
+
+        A read is refused with :class:`LimitError` while :attr:`queued_fds`
+        is at least this; one read brings at most 253 more (the kernel's
+        ``SCM_MAX_FD``), so the queue never holds more than this plus 253.
+        Set it on a stream that expects more descriptors per message.
+
+        :raises ValueError: when set to less than 1.
+        :raises TypeError: when set to something that is not an ``int``.
+        """
+        return self._max_queued_fds
+
+    @max_queued_fds.setter
+    def max_queued_fds(self, value: int) -> None:
+        _check_size("max_queued_fds", value, 1)
+        self._max_queued_fds = value
 
     def take_fds(self, n: int | None = None) -> list[Fd]:
         """Take the oldest ``n`` queued descriptors, or all of them for ``None``.
@@ -147,7 +182,8 @@ class FdStream(Connection, ByteStream):
         try:
             views = [memoryview(data).cast("B")]  # type: ignore[arg-type]
         except TypeError:
-            if not isinstance(data, Sequence):
+            # A str or a strided memoryview is a Sequence too, but not of buffers.
+            if isinstance(data, (str, memoryview)) or not isinstance(data, Sequence):
                 raise _not_bytes(data) from None
             views = [_byte_view(part) for part in data]
         views = [view for view in views if view]
@@ -184,7 +220,10 @@ class FdStream(Connection, ByteStream):
         :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -202,7 +241,10 @@ class FdStream(Connection, ByteStream):
         :raises ValueError: if ``max_bytes`` is under 1.
         :raises anyio.EndOfStream: when the peer closed its sending side
             and every byte was returned.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -215,7 +257,9 @@ class FdStream(Connection, ByteStream):
         The descriptors are every queued one that arrived no later than the
         last of these bytes. Each read asks the kernel for no more than is
         still missing, so a descriptor comes with the call that returns the
-        first byte of its ``sendmsg``. Cancellation loses nothing: what was
+        first byte of its ``sendmsg`` (earlier only with bytes that an
+        earlier call read ahead and the kernel glued to its read; see the
+        class's rule). Cancellation loses nothing: what was
         read stays buffered for the next call.
 
         :raises ValueError: if ``nbytes`` is negative.
@@ -223,7 +267,10 @@ class FdStream(Connection, ByteStream):
             arrived; the bytes and descriptors that did arrive stay
             available to :meth:`receive`, :meth:`receive_with_fds` and
             :meth:`take_fds`.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -259,7 +306,10 @@ class FdStream(Connection, ByteStream):
         :raises anyio.IncompleteRead: if the peer closed before the
             delimiter; what arrived stays available, as for
             :meth:`receive_exactly`.
-        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken.
+        :raises DescriptorsLostError: on ``MSG_CTRUNC``; the stream is broken,
+            and the bytes and descriptors it buffered are closed.
+        :raises LimitError: if it had to read while :attr:`max_queued_fds`
+            descriptors wait untaken; nothing was read.
         :raises anyio.BusyResourceError: if another task is receiving.
         :raises anyio.ClosedResourceError: after :meth:`aclose`.
         :raises anyio.BrokenResourceError: after the stream broke.
@@ -297,7 +347,7 @@ class FdStream(Connection, ByteStream):
         with self._receive_guard:
             await self._enter()
             if not self._inbox.pending:
-                await self._read(max_bytes)
+                await self._read(min(max_bytes, _READ_CAP))
             return min(max_bytes, self._inbox.pending)
 
     async def _enter(self) -> None:
@@ -313,6 +363,13 @@ class FdStream(Connection, ByteStream):
         inbox = self._inbox
         if inbox.eof:
             raise EndOfStream
+        if inbox.queued_fds >= self._max_queued_fds:
+            raise LimitError(
+                f"{inbox.queued_fds} received descriptors wait untaken (the "
+                f"stream's max_queued_fds is {self._max_queued_fds}); nothing was "
+                "read: take them with take_fds() or with a call that returns "
+                "descriptors, or raise max_queued_fds, then call again"
+            )
         view = inbox.get_buffer(size)
         try:
             nbytes, numbers = await self._transport.recv_into(view)
@@ -372,9 +429,12 @@ def _byte_view(part: object) -> memoryview:
 
 
 def _not_bytes(obj: object) -> TypeError:
+    what = type(obj).__name__
+    if isinstance(obj, memoryview):
+        what = "a memoryview that is not C-contiguous"
     return TypeError(
         "send(data): data must be bytes-like (bytes, bytearray, a C-contiguous "
-        f"memoryview...) or a sequence of them, not {type(obj).__name__}"
+        f"memoryview...) or a sequence of them, not {what}"
     )
 
 

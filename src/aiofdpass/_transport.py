@@ -17,17 +17,19 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from anyio import BrokenResourceError, ClosedResourceError
 
 from ._backend import Driver, current_driver
-from ._errors import DescriptorsLostError, LimitError
+from ._errors import DescriptorsLostError, LimitError, ProtocolError
 from ._fd import close_numbers
 from ._message import SCM_MAX_FD
 
 if TYPE_CHECKING:
-    from ._outbox import Outbox
+    from typing_extensions import Buffer
+
+    from ._outbox import Outbox, PacketOutbox
 
 __all__ = [
     "ANCILLARY_BUFSIZE",
@@ -35,8 +37,10 @@ __all__ = [
     "CLOSED",
     "OPEN",
     "SHUT",
+    "Packet",
     "Transport",
-    "check_unix_stream",
+    "check_unix_socket",
+    "credentials_in",
     "parse_ancillary",
     "scm_rights",
 ]
@@ -48,6 +52,7 @@ _INT_SIZE = array.array("i").itemsize
 # SCM_PIDFD (Linux 6.5+, when SO_PASSPIDFD is on) carries a pidfd: a
 # descriptor, which must be closed like any other. Python 3.11 lacks the name.
 _SCM_PIDFD = getattr(socket, "SCM_PIDFD", 0x04 if sys.platform == "linux" else None)
+_SCM_CREDENTIALS = getattr(socket, "SCM_CREDENTIALS", None)
 
 #: Room for the most descriptors one sendmsg can carry, sized with CMSG_SPACE
 #: (BSDs drop descriptors from a CMSG_LEN-sized buffer), plus the credentials
@@ -68,6 +73,40 @@ _CLOEXEC_FLAG = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 # A plain int: testing an IntFlag member costs a Python-level __and__.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+# The next packet's length, with no control buffer: no descriptor is
+# installed (peeking with one would duplicate them on every peek).
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_TRUNC
+_PEEK_BUF = bytearray(1)
+_UCRED = struct.Struct("3i")
+
+
+class Packet(NamedTuple):
+    """One packet as :meth:`Transport.try_recv_packet` received it."""
+
+    data: bytes
+    fds: list[int]
+    #: ``(pid, uid, gid)`` from ``SCM_CREDENTIALS``, if it came.
+    credentials: tuple[int, int, int] | None
+    #: The sender's address as the socket module gives it (``None``: unbound).
+    address: object
+    #: A control message came: tells an empty packet from end of stream.
+    control: bool
+
+
+def credentials_in(
+    ancdata: Sequence[tuple[int, int, bytes]],
+) -> tuple[int, int, int] | None:
+    """Return ``(pid, uid, gid)`` from an ``SCM_CREDENTIALS`` message, if any."""
+    for level, kind, data in ancdata:
+        if (
+            level == socket.SOL_SOCKET
+            and kind == _SCM_CREDENTIALS
+            and len(data) >= _UCRED.size
+        ):
+            pid, uid, gid = _UCRED.unpack_from(data)
+            return pid, uid, gid
+    return None
 
 
 def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, array.array[int]]]:
@@ -120,8 +159,20 @@ def _set_cloexec(fds: list[int]) -> None:  # pragma: no cover - not on Linux
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
 
 
-def check_unix_stream(sock: socket.socket) -> None:
-    """Raise ``ValueError`` unless ``sock`` is a connected AF_UNIX stream socket."""
+_KIND_NAMES: dict[int, str] = {
+    socket.SOCK_STREAM: "SOCK_STREAM",
+    socket.SOCK_SEQPACKET: "SOCK_SEQPACKET",
+    socket.SOCK_DGRAM: "SOCK_DGRAM",
+}
+
+
+def check_unix_socket(sock: socket.socket, types: Sequence[int], advice: str) -> None:
+    """Raise unless ``sock`` is an open AF_UNIX socket of one of ``types``.
+
+    ``advice`` ends the ``ValueError`` for a socket of another type: what
+    the caller should use instead. A stream or SEQPACKET socket must be
+    connected (not listening); a datagram socket need not be.
+    """
     if not isinstance(sock, socket.socket):
         raise TypeError(
             f"expected a socket.socket, not {type(sock).__name__}; for a "
@@ -133,12 +184,14 @@ def check_unix_stream(sock: socket.socket) -> None:
         raise ValueError(
             f"descriptors can only travel over AF_UNIX sockets, not {sock.family!r}"
         )
-    if sock.type != socket.SOCK_STREAM:
+    if sock.type not in types:
+        wanted = " or ".join(_KIND_NAMES[t] for t in types)
         raise ValueError(
-            f"aiofdpass needs a SOCK_STREAM socket, not {sock.type!r}: "
-            "framing is done by the library, and SOCK_SEQPACKET/SOCK_DGRAM "
-            "truncate records that do not fit the read buffer"
+            f"this needs an AF_UNIX {wanted} socket, not "
+            f"{_KIND_NAMES.get(sock.type, repr(sock.type))}: {advice}"
         )
+    if sock.type == socket.SOCK_DGRAM:
+        return  # a datagram socket need not be connected
     try:
         sock.getpeername()
     except OSError as exc:
@@ -196,16 +249,25 @@ class Transport:
         "on_new_loop",
         "on_recv_break",
         "on_send_break",
+        "packets",
         "recv_state",
         "send_state",
         "sock",
         "writing",
     )
 
-    def __init__(self, sock: socket.socket) -> None:
-        check_unix_stream(sock)
+    def __init__(
+        self,
+        sock: socket.socket,
+        types: Sequence[int] = (socket.SOCK_STREAM,),
+        advice: str = "use FdDatagramSocket for SOCK_DGRAM",
+    ) -> None:
+        check_unix_socket(sock, types, advice)
         sock.setblocking(False)
         self.sock = sock
+        #: The kernel keeps message boundaries (``SOCK_SEQPACKET``, ``SOCK_DGRAM``):
+        #: one ``sendmsg`` per record, never coalesced.
+        self.packets = sock.type != socket.SOCK_STREAM
         self.send_state = OPEN
         self.recv_state = OPEN
         self._send_failure: _Failure = _CLOSED
@@ -381,6 +443,106 @@ class Transport:
             assert self.driver is not None
             await self.driver.wait_readable()
 
+    def try_recv_packet(self, max_bytes: int, max_fds: int) -> Packet | None:
+        """Receive one whole packet (``SOCK_SEQPACKET``, ``SOCK_DGRAM``) now.
+
+        ``None`` if nothing is there yet. The packet's length is learnt first
+        with ``MSG_PEEK|MSG_TRUNC`` and no control buffer (which installs no
+        descriptor), so a packet over ``max_bytes`` is consumed without a
+        control buffer: the kernel drops its descriptors, they never enter
+        this process. The kernel keeps the boundaries, so one bad packet
+        never spoils the next, and the transport stays usable.
+
+        A packet of 0 bytes with no control message at all is end of stream
+        on a ``SOCK_SEQPACKET`` socket (:attr:`Packet.control` is ``False``):
+        the kernel returns the same for both unless ``SO_PASSCRED`` attaches
+        credentials to every packet.
+
+        :raises ProtocolError: for a packet over ``max_bytes`` or with more
+            than ``max_fds`` descriptors (those that arrived are closed).
+        :raises DescriptorsLostError: on ``MSG_CTRUNC`` (those that arrived
+            are closed).
+        """
+        sock = self.sock
+        try:
+            try:
+                length = sock.recv_into(_PEEK_BUF, 1, _PEEK_FLAGS)
+            except ConnectionResetError:
+                # The peer closed with packets of ours unread. Linux says so
+                # once, and on a packet socket before the packets the peer
+                # sent (a stream says it after them): read on.
+                length = sock.recv_into(_PEEK_BUF, 1, _PEEK_FLAGS)
+            if length > max_bytes:
+                sock.recvmsg_into([_PEEK_BUF], 0, 0)  # no control buffer
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._raise_translated(exc, "receive")
+        if length > max_bytes:
+            raise ProtocolError(
+                f"a {length}-byte packet arrived, over this side's limit of "
+                f"{max_bytes} bytes (Limits.max_payload); it was discarded and "
+                "its descriptors closed. Raise the limit if that is intended"
+            )
+        try:
+            data, ancdata, flags, address = sock.recvmsg(
+                length, ANCILLARY_BUFSIZE, _CLOEXEC_FLAG
+            )
+        except (BlockingIOError, ConnectionResetError):  # pragma: no cover
+            return None  # another reader took it, or a reset came meanwhile
+        except OSError as exc:
+            self._raise_translated(exc, "receive")
+        fds = parse_ancillary(ancdata) if ancdata else []
+        if self.recv_state is not OPEN:
+            close_numbers(fds)
+            self.check_recv()
+        if flags & (_MSG_CTRUNC | _MSG_TRUNC):
+            close_numbers(fds)
+            if flags & _MSG_TRUNC:  # pragma: no cover - another reader raced us
+                raise ProtocolError(
+                    "a packet was cut short (MSG_TRUNC): another process "
+                    "reads this socket too; it was discarded"
+                )
+            raise DescriptorsLostError(
+                f"the kernel dropped descriptors attached to a packet "
+                f"(MSG_CTRUNC; {len(fds)} arrived and were closed, the packet "
+                "was discarded). Usually this process is at its open-file "
+                "limit (RLIMIT_NOFILE): close descriptors or raise the limit"
+            )
+        if len(fds) > max_fds:
+            close_numbers(fds)
+            raise ProtocolError(
+                f"a packet carried {len(fds)} descriptors, over this side's "
+                f"max_fds of {max_fds}; it was discarded and its descriptors "
+                "closed"
+            )
+        return Packet(data, fds, credentials_in(ancdata), address, bool(ancdata))
+
+    def try_send_to(
+        self, data: Sequence[Buffer], fds: Sequence[int], to: str | bytes | None
+    ) -> bool:
+        """Send one datagram to address ``to`` now; ``False`` if it must wait.
+
+        ``to=None`` sends to the connected peer.
+
+        :raises OSError: as ``sendmsg`` does (nothing was sent): ``EBADF``
+            for a closed descriptor, ``ECONNREFUSED``/``ENOENT`` for nobody
+            at ``to``, ``EMSGSIZE`` for a datagram over the send buffer.
+        :raises LimitError: ``ETOOMANYREFS`` (nothing sent).
+        """
+        try:
+            self.sock.sendmsg(data, scm_rights(fds), _SEND_FLAGS, to)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if self.closed:
+                raise ClosedResourceError(
+                    "this socket was closed with aclose()"
+                ) from None
+            self._raise_descriptor_error(exc, fds)
+            raise
+        return True
+
     # -- sending ----------------------------------------------------------
 
     def try_send(self, data: bytes, fds: Sequence[int]) -> int:
@@ -401,7 +563,7 @@ class Transport:
             self._raise_descriptor_error(exc, fds)
             self._raise_translated(exc, "send")
 
-    def write_queue(self, queue: Outbox) -> bool:
+    def write_queue(self, queue: Outbox | PacketOutbox) -> bool:
         """Write as much of ``queue`` as the socket takes now; ``True`` once empty.
 
         :raises LimitError: ``ETOOMANYREFS``; nothing of the segment at the

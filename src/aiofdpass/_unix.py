@@ -19,7 +19,7 @@ from anyio import ClosedResourceError
 from anyio.abc import Listener, SocketAttribute, TaskGroup
 from anyio.lowlevel import checkpoint
 
-from ._channel import FdChannel
+from ._channel import FdChannel, socket_type
 from ._connection import Connection
 from ._credentials import AllowPolicy, PeerCredentials, check_peer, make_policy
 from ._message import Limits
@@ -91,6 +91,22 @@ def _file_name(path: SocketPath) -> str | None:
     return p if isinstance(p, str) and not p.startswith("\0") else None
 
 
+# Shared with _datagram.py.
+SUN_PATH_MAX = _SUN_PATH_MAX
+normalize_path = _normalize
+sun_path = _sun_path
+
+
+def unlink_if_same(path: str, identity: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file ``identity`` describes."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == (identity.st_dev, identity.st_ino):
+        os.unlink(path)
+
+
 def _describe(path: str | bytes) -> str:
     return repr(path)
 
@@ -145,9 +161,11 @@ def _bind_error(name: str | bytes, exc: OSError) -> OSError:
     return OSError(exc.errno, f"cannot listen on {_describe(name)}: {exc.strerror}")
 
 
-async def _connect_socket(path: SocketPath) -> socket.socket:
+async def _connect_socket(
+    path: SocketPath, sock_type: int = socket.SOCK_STREAM
+) -> socket.socket:
     p = _normalize(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, sock_type)
     try:
         sock.setblocking(False)
         await checkpoint()
@@ -172,6 +190,7 @@ async def _connect_socket(path: SocketPath) -> socket.socket:
 async def connect(
     path: SocketPath,
     *,
+    kind: str = "stream",
     limits: Limits | None = None,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> FdChannel:
@@ -179,13 +198,16 @@ async def connect(
 
     :param path: the socket path (``str``, ``bytes``, ``os.PathLike``); a
         leading NUL byte means Linux's abstract namespace.
+    :param kind: ``"stream"`` (the default) or ``"seqpacket"``: the
+        listener's socket type (a record per packet, no header).
     :param limits: record limits for the channel.
     :param close_timeout: how long the channel's ``aclose()`` waits for
         queued records (:attr:`FdChannel.close_timeout`).
     :raises FileNotFoundError: if nothing exists at ``path``.
     :raises ConnectionRefusedError: if nobody listens there.
+    :raises OSError: ``EPROTOTYPE`` if the listener is of another ``kind``.
     """
-    sock = await _connect_socket(path)
+    sock = await _connect_socket(path, socket_type(kind))
     try:
         channel = FdChannel(sock, limits=limits, close_timeout=close_timeout)
     except BaseException:
@@ -485,6 +507,7 @@ def bind_socket_path(sock: socket.socket, path: str, mode: int) -> os.stat_resul
 async def listen(
     path: SocketPath,
     *,
+    kind: str = "stream",
     mode: int = 0o600,
     backlog: int = socket.SOMAXCONN,
     limits: Limits | None = None,
@@ -515,6 +538,8 @@ async def listen(
 
     :param path: where to listen; a leading NUL byte means the abstract
         namespace (no file, ``mode`` does not apply).
+    :param kind: ``"stream"`` (the default) or ``"seqpacket"``: accepted
+        channels then carry one record per packet, with no header.
     :param mode: permissions of the socket file (default ``0o600``: only
         this user may connect).
     :param backlog: the ``listen`` backlog (the kernel caps it at
@@ -551,8 +576,9 @@ async def listen(
     """
     p = _normalize(path)
     policy = make_policy(allow)
+    type_ = socket_type(kind)
     await checkpoint()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, type_)
     try:
         if isinstance(p, str) and not p.startswith("\0"):
             identity = bind_socket_path(sock, p, mode)
@@ -808,12 +834,7 @@ class _UnixListener(Listener[ConnectionT]):
     def _unlink_own_file(self) -> None:
         if self._identity is None or not isinstance(self._path, str):
             return
-        try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == (self._identity.st_dev, self._identity.st_ino):
-            os.unlink(self._path)
+        unlink_if_same(self._path, self._identity)
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:

@@ -16,7 +16,10 @@ written by the flush callback, which the loop runs on its next iteration,
 or earlier by a receive, or by ``send``'s own periodic yield. So a reply
 sent after a receive goes straight out, and the records a task sends one
 after another go out together, in one ``sendmsg`` per segment. Only the
-program's own sequence of calls, and the socket's room, decide this.
+program's own sequence of calls, and the socket's room, decide this. A
+packet socket (SOCK_SEQPACKET) never coalesces: one sendmsg is one packet,
+so each record is written at once when nothing is queued ahead of it, and
+its queue (``PacketOutbox``) holds one packet per entry.
 
 Rule 3 (flush on release): whoever holds the lock writes what the socket
 takes before letting go (``_Exclusive``). A flush that finds the
@@ -45,7 +48,7 @@ import anyio.lowlevel
 from anyio import BrokenResourceError, ClosedResourceError
 
 from ._errors import LimitError
-from ._outbox import Outbox
+from ._outbox import Outbox, PacketOutbox
 from ._transport import OPEN, SHUT, Transport
 
 if TYPE_CHECKING:
@@ -151,6 +154,7 @@ class Writer:
     __slots__ = (
         "_calls",
         "_closing",
+        "_coalesce",
         "_fd_high_water",
         "_fd_low_water",
         "_flush_pending",
@@ -168,7 +172,11 @@ class Writer:
 
     def __init__(self, transport: Transport, close_timeout: float) -> None:
         self.transport = transport
-        self.outbox = Outbox()
+        # A packet socket never coalesces: one sendmsg is one packet.
+        self._coalesce = not transport.packets
+        self.outbox: Outbox | PacketOutbox = (
+            PacketOutbox() if transport.packets else Outbox()
+        )
         self.lock = SendLock()
         self.close_timeout = close_timeout
         #: What was queued and never written (statistics()): counted where
@@ -255,7 +263,7 @@ class Writer:
             if self._flush_pending is not _DUE and not self.background:
                 self._schedule_flush(driver)
             return True
-        self.burst = True
+        self.burst = self._coalesce
         try:
             sent = transport.try_send(header + payload, numbers)
         except LimitError:

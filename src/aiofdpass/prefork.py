@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,9 +42,10 @@ from anyio import TASK_STATUS_IGNORED, BrokenResourceError, ClosedResourceError
 from anyio.abc import Process, SocketStream, TaskGroup, TaskStatus
 
 from ._channel import FdChannel
-from ._errors import FdPassError
+from ._errors import FdPassError, LimitError
 from ._fd import Fd
 from ._process import channel_from_env, open_child_process
+from ._writer import DIRECT_BYTES
 
 __all__ = [
     "PoolStatistics",
@@ -67,6 +69,9 @@ Backend = Literal["asyncio", "uvloop", "trio"]
 _PATH_ENV = "AIOFDPASS_PREFORK_PATH"
 _WORKER_CODE = "from aiofdpass.prefork import _worker_main; _worker_main()"
 _CHANNEL_ERRORS = (BrokenResourceError, ClosedResourceError, FdPassError)
+# What a send to a worker raises when that worker's channel is gone: try
+# another worker. Anything else (LimitError, EMFILE) is about the record.
+_WORKER_GONE = (BrokenResourceError, ClosedResourceError)
 _RING_POINTS = 64  # points per worker on the consistent-hash ring
 _MAX_DELAYS_KEPT = 32
 
@@ -172,6 +177,7 @@ class _Worker:
         self.delays: deque[float] = deque(maxlen=_MAX_DELAYS_KEPT)
         self.finished = anyio.Event()  # its supervisor returned
         self.scope = anyio.CancelScope(shield=True)  # its supervisor's
+        self.told_to_stop: FdChannel | None = None  # the channel stop() used
 
     @property
     def load(self) -> int:
@@ -344,6 +350,9 @@ class WorkerPool:
         self._started = anyio.Event()
         self._stop_event = anyio.Event()
         self._stop_record = b""
+        self._stop_drain = 0.0
+        self._stop_deadline = 0.0
+        self._stop_done = False
         self._ready_workers = 0
         self._start_error: WorkerStartError | None = None
         self._stopping = False
@@ -405,21 +414,29 @@ class WorkerPool:
         worker gets ``drain_timeout`` seconds to finish its connections;
         then it cancels their handlers and exits, and a worker still
         running a few seconds after that is killed. Connections waiting
-        for a worker are closed (and logged). Calling it again does nothing.
+        for a worker are closed (and logged). Calling it again, also after
+        a call that was cancelled (leaving the ``async with`` block does),
+        goes on with what the first call started, with its
+        ``drain_timeout``; once the pool has stopped it does nothing.
         It never raises: what goes wrong with a worker is logged.
         """
-        if self._stopped or self._tg is None:
+        if self._stop_done or self._tg is None:
             return
-        self._stopping = self._stopped = True
-        while self._waiting:
-            self._close_unserved(self._waiting.popleft(), "the pool is stopping")
-        self._stop_record = json.dumps({"stop": drain_timeout}).encode()
-        self._stop_event.set()
+        if not self._stopped:
+            self._stopping = self._stopped = True
+            while self._waiting:
+                self._close_unserved(self._waiting.popleft(), "the pool is stopping")
+            self._stop_record = json.dumps({"stop": drain_timeout}).encode()
+            self._stop_drain = drain_timeout
+            self._stop_deadline = anyio.current_time() + drain_timeout + 5
+            self._stop_event.set()
         for worker in self._workers:
-            if worker.channel is not None:
+            channel = worker.channel
+            if channel is not None and worker.told_to_stop is not channel:
                 with suppress(*_CHANNEL_ERRORS):
-                    await worker.channel.send(self._stop_record)
-        with anyio.move_on_after(drain_timeout + 5):
+                    await channel.send(self._stop_record)
+                worker.told_to_stop = channel
+        with anyio.CancelScope(deadline=self._stop_deadline):
             for worker in self._workers:
                 await worker.finished.wait()
         for worker in self._workers:
@@ -428,13 +445,14 @@ class WorkerPool:
                     "worker %d (pid %d) did not exit %.1f s after stop: killing it",
                     worker.index,
                     worker.process.pid,
-                    drain_timeout,
+                    self._stop_drain,
                 )
                 with suppress(ProcessLookupError):
                     worker.process.kill()
         for worker in self._workers:
             await worker.finished.wait()
         self._cancel_supervisors()
+        self._stop_done = True
 
     def _cancel_supervisors(self) -> None:
         """End every slot's supervisor now (each closes its channel and reaps)."""
@@ -477,6 +495,7 @@ class WorkerPool:
             if self._stopping:  # stop() came while we were starting it
                 with suppress(*_CHANNEL_ERRORS):
                     await channel.send(self._stop_record)
+                worker.told_to_stop = channel
             try:
                 with suppress(*_CHANNEL_ERRORS):
                     async for message in channel:
@@ -497,6 +516,12 @@ class WorkerPool:
             finally:
                 worker.ready = False
                 worker.process = worker.channel = None
+                if process.returncode is None:
+                    # Cancelled (the pool failed to start, or was cancelled
+                    # while starting) with the worker alive: one stuck in
+                    # its import would never exit, and we wait shielded.
+                    with suppress(ProcessLookupError):
+                        process.kill()
                 with anyio.CancelScope(shield=True):
                     await channel.aclose()
                     await process.aclose()
@@ -609,9 +634,11 @@ class WorkerPool:
         :param meta: JSON-able metadata; the handler gets it as a ``dict``.
         :param key: route by consistent hashing of ``str(key)`` (or the
             bytes themselves).
-        :raises TypeError: if ``meta`` is not a JSON-able ``dict``.
+        :raises TypeError: if ``meta`` is not a JSON-able ``dict``, or
+            ``sock`` is not a stream socket.
         :raises ValueError: if ``route`` returned an index that is not one
-            of the workers it was given.
+            of the workers it was given (and whatever ``route`` raises).
+        :raises aiofdpass.LimitError: if ``meta`` as JSON is over 64 KiB.
         :raises anyio.ClosedResourceError: if the pool is not running
             (not entered yet, or stopping), or every worker has exited and
             ``restart=False``; the caller keeps ``sock``.
@@ -635,7 +662,26 @@ class WorkerPool:
             record = json.dumps({"id": self._next_id, "meta": meta}).encode()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"meta must be JSON-able: {exc}") from None
-        fd = Fd(os.dup(sock if isinstance(sock, int) else sock.fileno()))
+        if len(record) > DIRECT_BYTES:
+            # A record this large is written from the caller's buffer, and a
+            # cancelled dispatch could leave it half written: the worker
+            # would take the broken channel for a dead master and drop
+            # every connection it serves. Small records are all or nothing.
+            raise LimitError(
+                f"meta is {len(record)} bytes as JSON, over the pool's limit of "
+                f"{DIRECT_BYTES}: pass a reference to it; the socket is still yours"
+            )
+        number = sock if isinstance(sock, int) else sock.fileno()
+        # A descriptor the worker cannot make a socket of would crash every
+        # worker it is re-dispatched to, in turn.
+        if not stat.S_ISSOCK(os.fstat(number).st_mode) or (
+            isinstance(sock, socket.socket) and sock.type != socket.SOCK_STREAM
+        ):
+            raise TypeError(
+                f"sock must be a connected stream socket; descriptor {number} "
+                "is not one (it is still yours)"
+            )
+        fd = Fd(os.dup(number))
         connection = _Connection(self._next_id, fd, meta, record, key)
         try:
             await self._send(connection, strict=True)
@@ -663,14 +709,23 @@ class WorkerPool:
             if not candidates:
                 return None
             stats = [w.statistics(self._stopping) for w in candidates]
-            index = self._route(stats, connection.key, connection.meta)
+            try:
+                index = self._route(stats, connection.key, connection.meta)
+            except Exception as exc:
+                if strict:
+                    raise  # dispatch() raises it; the caller keeps its socket
+                # Re-dispatching for a dead worker, in its slot's supervisor:
+                # the connection still needs a worker, and the pool its
+                # supervisor.
+                index, message = -1, f"route raised {exc!r}"
+            else:
+                message = (
+                    f"route returned {index!r}, not the index of one of the "
+                    f"workers it was given ({[w.index for w in candidates]})"
+                )
             chosen = [w for w in candidates if w.index == index]
             if chosen:
                 return chosen[0]
-            message = (
-                f"route returned {index!r}, not the index of one of the workers "
-                f"it was given ({[w.index for w in candidates]})"
-            )
             if strict:
                 raise ValueError(message)
             logger.error(
@@ -700,10 +755,18 @@ class WorkerPool:
             try:
                 await worker.channel.send(connection.record, [connection.fd])
                 return
-            except _CHANNEL_ERRORS:
+            except _WORKER_GONE:
                 # send() raised: nothing was sent and our copy is still ours.
                 del worker.pending[connection.id]
                 tried.add(worker.index)
+            except Exception as exc:
+                # About the record (over the channel's limits, EMFILE for the
+                # channel's duplicate): no other worker would take it either.
+                del worker.pending[connection.id]
+                if strict:
+                    raise  # dispatch() raises it; the caller keeps its socket
+                self._close_unserved(connection, f"sending it failed: {exc!r}")
+                return
             except BaseException:
                 del worker.pending[connection.id]
                 raise
@@ -754,7 +817,9 @@ async def serve_tcp(
     The master accepts and dispatches each connection with the metadata
     ``{"peer": [host, port]}``; the workers run ``target`` on it. Runs
     until cancelled, then stops the pool (finishing connections for up to
-    ``drain_timeout`` seconds). With ``await task_group.start(serve_tcp,
+    ``drain_timeout`` seconds). A connection whose dispatch raises (out of
+    descriptors for the pool's copy, a ``route`` that raised) is closed and
+    logged, and the loop goes on. With ``await task_group.start(serve_tcp,
     ...)`` the start value is the bound ``(host, port)`` (useful with port
     0).
 
@@ -794,7 +859,20 @@ async def serve_tcp(
                         logger.error("accept failed: %s; retrying in 0.1 s", exc)
                         await anyio.sleep(0.1)
                         break
-                    await pool.dispatch(sock, {"peer": peer[:2]}, close=True)
+                    with sock:
+                        try:
+                            await pool.dispatch(sock, {"peer": peer[:2]})
+                        except ClosedResourceError:
+                            raise  # every worker exited and restart=False
+                        except Exception as exc:
+                            # One connection's failure (EMFILE for the
+                            # pool's copy, a route that raised) is not the
+                            # server's: close it, go on accepting.
+                            logger.error(
+                                "closing the connection from %s unserved: %r",
+                                peer,
+                                exc,
+                            )
 
 
 # -- the worker ----------------------------------------------------------------
@@ -859,16 +937,24 @@ async def _serve_one(
     """Run the handler on one connection; report to the master when it ends."""
     error: str | None = None
     try:
+        # anyio refuses a socket that is no longer connected: a client that
+        # reset the connection before we got here (getpeername: ENOTCONN).
+        # That ends this connection only, not the worker and its others.
         stream = await SocketStream.from_socket(sock)
+    except Exception as exc:
+        sock.close()
+        logger.warning("connection %d ended before it was served: %s", order["id"], exc)
+        error = repr(exc)
     except BaseException:
         sock.close()
         raise
-    try:
-        async with stream:
-            await handler(stream, order["meta"])
-    except Exception as exc:
-        logger.exception("the handler failed on connection %d", order["id"])
-        error = repr(exc)
+    else:
+        try:
+            async with stream:
+                await handler(stream, order["meta"])
+        except Exception as exc:
+            logger.exception("the handler failed on connection %d", order["id"])
+            error = repr(exc)
     with suppress(*_CHANNEL_ERRORS):
         report = {"done": order["id"], "error": error}
         await channel.send(json.dumps(report).encode())
