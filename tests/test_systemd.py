@@ -110,6 +110,24 @@ def test_listen_fds_for_another_process_or_none(
         listen_fds()
 
 
+@pytest.mark.parametrize("count", ["-1", "-3", "1_0", " 1", "+1", "\u0663", ""])
+def test_listen_fds_refuses_a_count_systemd_never_writes(
+    monkeypatch: pytest.MonkeyPatch, count: str
+) -> None:
+    # int() takes all of these but the empty one; a negative count used to
+    # give [] (sd_listen_fds refuses it), "1_0" ten descriptors. Refused
+    # before any descriptor is touched. An empty one is "nothing passed".
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", count)
+    if not count:
+        assert listen_fds() == []
+        return
+    with pytest.raises(ValueError, match="must be numbers"):
+        listen_fds()
+    assert "LISTEN_FDS" not in os.environ  # a second call is not a second owner
+    assert listen_fds() == []
+
+
 def libsystemd_or_skip() -> None:
     try:
         ctypes.CDLL("libsystemd.so.0")
