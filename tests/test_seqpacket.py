@@ -388,3 +388,23 @@ async def test_a_send_buffer_shrunk_after_the_channel_was_made_refuses_cleanly(
             for fd in fds:
                 os.close(fd)
             assert (data, len(fds)) == (b"small", 1)
+
+
+async def test_empty_packets_sent_before_the_channel_was_made_are_records() -> None:
+    # The channel turns SO_PASSCRED on when it is made; the kernel attaches
+    # credentials when a packet is read, so empty packets already queued
+    # (with and without descriptors) are still told from the end.
+    a, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pipe() as (r, _):
+        with peer:
+            peer.send(b"")
+            peer.sendmsg([b""], rights(r))
+            peer.send(b"")
+        chan = FdChannel.from_socket(a)
+        async with chan:
+            assert (await chan.receive()).data == b""
+            with await chan.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"", 1)
+            assert (await chan.receive()).data == b""
+            with pytest.raises(anyio.EndOfStream):
+                await chan.receive()
