@@ -415,3 +415,42 @@ async def test_aclose_leaves_a_socket_file_that_replaced_its_own(
 def identity_of(path: Path) -> tuple[int, int]:
     st = os.lstat(path)
     return st.st_dev, st.st_ino
+
+
+async def test_a_failed_send_with_close_fds_closes_nothing(tmp_path: Path) -> None:
+    # Nobody at the path, not a socket, a stream socket, a directory, over
+    # the limits: each raises, nothing is sent, the caller keeps its
+    # descriptors; the socket goes on, and close_fds closes on success.
+    (tmp_path / "file").write_bytes(b"")
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with stream, pipe() as (r, _):
+        stream.bind(str(tmp_path / "stream.sock"))
+        stream.listen()
+        async with (
+            await create_datagram_socket(limits=Limits(max_fds=1)) as s,
+            await create_datagram_socket(abstract("close-fds")) as there,
+        ):
+            failures: list[tuple[Path | bytes, type[BaseException], int]] = [
+                (tmp_path / "missing", FileNotFoundError, 1),
+                (tmp_path / "file", ConnectionRefusedError, 1),
+                (tmp_path, ConnectionRefusedError, 1),
+                (tmp_path / "stream.sock", OSError, 1),
+                (abstract("close-fds"), LimitError, 2),
+            ]
+            for to, error, count in failures:
+                mine = [os.dup(r) for _ in range(count)]
+                try:
+                    with pytest.raises(error):
+                        await s.send(b"x", mine, to=to, close_fds=True)
+                    for fd in mine:
+                        os.fstat(fd)  # still open: still the caller's
+                finally:
+                    for fd in mine:
+                        os.close(fd)
+            mine = [os.dup(r)]
+            await s.send(b"sent", mine, to=abstract("close-fds"), close_fds=True)
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(mine[0])  # closed, and nothing opened since
+            message = (await there.receive()).message
+            with message:
+                assert (message.data, len(message.fds)) == (b"sent", 1)
