@@ -24,7 +24,7 @@ import aiofdpass.systemd
 from aiofdpass import PeerCredentials, create_datagram_socket
 from aiofdpass.systemd import listen_fds, notify, store_fds
 
-from .helpers import backend_id, identity, pipe
+from .helpers import backend_id, copies_of, identity, pipe
 
 pytestmark = pytest.mark.anyio
 
@@ -87,6 +87,14 @@ async def test_bad_input_is_refused_before_sending(
     monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
     with pytest.raises(ValueError, match="vsock"):
         await notify("READY=1")
+    # A relative path is refused too (sd_notify takes '/' or '@' only),
+    # and the caller keeps its descriptors.
+    monkeypatch.setenv("NOTIFY_SOCKET", "run/notify")
+    with pipe() as (r, _):
+        before = copies_of(r)
+        with pytest.raises(ValueError, match="neither a path"):
+            await notify("READY=1", fds=[r])
+        assert copies_of(r) == before
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + abstract("nobody")[1:])
     with pytest.raises(ConnectionRefusedError):
         await notify("READY=1")
