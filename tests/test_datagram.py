@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import aiofdpass
 from aiofdpass import (
     Datagram,
+    DescriptorsLostError,
     FdDatagramSocket,
     LimitError,
     Limits,
@@ -22,7 +24,7 @@ from aiofdpass import (
     create_datagram_socket,
 )
 
-from .helpers import copies_of, identity, pipe, rights
+from .helpers import copies_of, identity, limit_with_free_slots, pipe, rights
 
 pytestmark = pytest.mark.anyio
 
@@ -361,3 +363,94 @@ def test_a_dropped_socket_warns_and_closes() -> None:
         del dsock  # the last reference: collected at once
     with pytest.raises(OSError):  # noqa: PT011
         os.fstat(fd)
+
+
+async def test_lost_descriptors_raise_once_among_senders_and_the_socket_goes_on() -> (
+    None
+):
+    # MSG_CTRUNC at a low RLIMIT_NOFILE: that datagram's receive raises with
+    # what arrived closed; the next datagram, from another sender, is whole.
+    async with (
+        await create_datagram_socket(abstract("ctrunc")) as server,
+        await create_datagram_socket(abstract("ctrunc-a")) as a,
+        await create_datagram_socket(abstract("ctrunc-b")) as b,
+    ):
+        with pipe() as (r, _):
+            before = copies_of(r)
+            await a.send(b"many", [r] * 50, to=abstract("ctrunc"))
+            await b.send(b"next", [r], to=abstract("ctrunc"))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit_with_free_slots(2), hard))
+            try:
+                with pytest.raises(DescriptorsLostError, match="MSG_CTRUNC"):
+                    await server.receive()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert copies_of(r) == before
+            message, address, _ = await server.receive()
+            with message:
+                assert (message.data, len(message.fds), address) == (
+                    b"next",
+                    1,
+                    abstract("ctrunc-b"),
+                )
+
+
+async def test_aclose_leaves_a_socket_file_that_replaced_its_own(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.sock"
+    first = await create_datagram_socket(path)
+    os.rename(path, tmp_path / "moved.sock")
+    async with await create_datagram_socket(path) as second:
+        theirs = identity_of(path)
+        await first.aclose()
+        assert identity_of(path) == theirs  # not the first socket's file
+        assert (tmp_path / "moved.sock").exists()  # nor its moved one
+        await second.send(b"still here", to=path)
+        assert (await second.receive()).message.data == b"still here"
+    assert not path.exists()
+
+
+def identity_of(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+async def test_a_failed_send_with_close_fds_closes_nothing(tmp_path: Path) -> None:
+    # Nobody at the path, not a socket, a stream socket, a directory, over
+    # the limits: each raises, nothing is sent, the caller keeps its
+    # descriptors; the socket goes on, and close_fds closes on success.
+    (tmp_path / "file").write_bytes(b"")
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with stream, pipe() as (r, _):
+        stream.bind(str(tmp_path / "stream.sock"))
+        stream.listen()
+        async with (
+            await create_datagram_socket(limits=Limits(max_fds=1)) as s,
+            await create_datagram_socket(abstract("close-fds")) as there,
+        ):
+            failures: list[tuple[Path | bytes, type[BaseException], int]] = [
+                (tmp_path / "missing", FileNotFoundError, 1),
+                (tmp_path / "file", ConnectionRefusedError, 1),
+                (tmp_path, ConnectionRefusedError, 1),
+                (tmp_path / "stream.sock", OSError, 1),
+                (abstract("close-fds"), LimitError, 2),
+            ]
+            for to, error, count in failures:
+                mine = [os.dup(r) for _ in range(count)]
+                try:
+                    with pytest.raises(error):
+                        await s.send(b"x", mine, to=to, close_fds=True)
+                    for fd in mine:
+                        os.fstat(fd)  # still open: still the caller's
+                finally:
+                    for fd in mine:
+                        os.close(fd)
+            mine = [os.dup(r)]
+            await s.send(b"sent", mine, to=abstract("close-fds"), close_fds=True)
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(mine[0])  # closed, and nothing opened since
+            message = (await there.receive()).message
+            with message:
+                assert (message.data, len(message.fds)) == (b"sent", 1)

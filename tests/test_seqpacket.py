@@ -360,3 +360,51 @@ async def test_statistics_count_packets_without_a_header() -> None:
             assert queued.records_queued > 0
             assert queued.bytes_queued == queued.records_queued  # 1 byte each
             chan.close_timeout = 0
+
+
+@pytest.mark.parametrize("size", [20_000, 100_000], ids=["small-path", "direct"])
+async def test_a_send_buffer_shrunk_after_the_channel_was_made_refuses_cleanly(
+    size: int,
+) -> None:
+    # The channel checks a packet's size against SO_SNDBUF when it is made;
+    # if the buffer shrinks later, the kernel's EMSGSIZE must still be a
+    # LimitError with nothing sent, the descriptors the caller's, and the
+    # channel usable (it used to break the channel).
+    chan, peer = packets_pair()
+    async with chan:
+        with peer, pipe() as (r, _):
+            raw = chan.extra(anyio.abc.SocketAttribute.raw_socket)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            before = copies_of(r)
+            with pytest.raises(LimitError, match="EMSGSIZE"):
+                await chan.send(b"x" * size, [r])
+            assert copies_of(r) == before
+            peer.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                peer.recv(1)  # nothing was sent
+            await chan.send(b"small", [r])
+            peer.setblocking(True)
+            data, fds = read_packet(peer)
+            for fd in fds:
+                os.close(fd)
+            assert (data, len(fds)) == (b"small", 1)
+
+
+async def test_empty_packets_sent_before_the_channel_was_made_are_records() -> None:
+    # The channel turns SO_PASSCRED on when it is made; the kernel attaches
+    # credentials when a packet is read, so empty packets already queued
+    # (with and without descriptors) are still told from the end.
+    a, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pipe() as (r, _):
+        with peer:
+            peer.send(b"")
+            peer.sendmsg([b""], rights(r))
+            peer.send(b"")
+        chan = FdChannel.from_socket(a)
+        async with chan:
+            assert (await chan.receive()).data == b""
+            with await chan.receive() as msg:
+                assert (msg.data, len(msg.fds)) == (b"", 1)
+            assert (await chan.receive()).data == b""
+            with pytest.raises(anyio.EndOfStream):
+                await chan.receive()

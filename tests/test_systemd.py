@@ -24,7 +24,7 @@ import aiofdpass.systemd
 from aiofdpass import PeerCredentials, create_datagram_socket
 from aiofdpass.systemd import listen_fds, notify, store_fds
 
-from .helpers import backend_id, identity, pipe
+from .helpers import backend_id, copies_of, identity, pipe
 
 pytestmark = pytest.mark.anyio
 
@@ -87,6 +87,14 @@ async def test_bad_input_is_refused_before_sending(
     monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
     with pytest.raises(ValueError, match="vsock"):
         await notify("READY=1")
+    # A relative path is refused too (sd_notify takes '/' or '@' only),
+    # and the caller keeps its descriptors.
+    monkeypatch.setenv("NOTIFY_SOCKET", "run/notify")
+    with pipe() as (r, _):
+        before = copies_of(r)
+        with pytest.raises(ValueError, match="neither a path"):
+            await notify("READY=1", fds=[r])
+        assert copies_of(r) == before
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + abstract("nobody")[1:])
     with pytest.raises(ConnectionRefusedError):
         await notify("READY=1")
@@ -108,6 +116,24 @@ def test_listen_fds_for_another_process_or_none(
     monkeypatch.setenv("LISTEN_FDS", "two")
     with pytest.raises(ValueError, match="must be numbers"):
         listen_fds()
+
+
+@pytest.mark.parametrize("count", ["-1", "-3", "1_0", " 1", "+1", "\u0663", ""])
+def test_listen_fds_refuses_a_count_systemd_never_writes(
+    monkeypatch: pytest.MonkeyPatch, count: str
+) -> None:
+    # int() takes all of these but the empty one; a negative count used to
+    # give [] (sd_listen_fds refuses it), "1_0" ten descriptors. Refused
+    # before any descriptor is touched. An empty one is "nothing passed".
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", count)
+    if not count:
+        assert listen_fds() == []
+        return
+    with pytest.raises(ValueError, match="must be numbers"):
+        listen_fds()
+    assert "LISTEN_FDS" not in os.environ  # a second call is not a second owner
+    assert listen_fds() == []
 
 
 def libsystemd_or_skip() -> None:

@@ -153,6 +153,8 @@ class FdDatagramSocket(UnreliableObjectReceiveStream[Datagram]):
         receiver's queue is full it waits (the kernel gives no readiness
         event for that, so it retries with a pause growing to 50 ms); a
         cancelled ``send`` sent nothing. Concurrent sends are serialised.
+        If ``send`` raises, nothing was sent, the caller still owns its
+        descriptors and ``close_fds`` closed nothing.
 
         :raises LimitError: over this socket's limits (nothing sent).
         :raises ConnectionRefusedError: if nobody is bound at ``to``.

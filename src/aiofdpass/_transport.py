@@ -38,6 +38,7 @@ __all__ = [
     "OPEN",
     "SHUT",
     "Packet",
+    "PacketTooLargeError",
     "Transport",
     "check_unix_socket",
     "credentials_in",
@@ -79,6 +80,14 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_TRUNC
 _PEEK_BUF = bytearray(1)
 _UCRED = struct.Struct("3i")
+
+
+class PacketTooLargeError(LimitError):
+    """``EMSGSIZE`` from a ``SOCK_SEQPACKET`` send: nothing was sent.
+
+    The packet is over the socket's ``SO_SNDBUF`` less 32 bytes (the buffer
+    shrank after the channel was made); the caller keeps its descriptors.
+    """
 
 
 class Packet(NamedTuple):
@@ -561,6 +570,7 @@ class Transport:
             return -1
         except OSError as exc:
             self._raise_descriptor_error(exc, fds)
+            self._raise_packet_too_large(exc)
             self._raise_translated(exc, "send")
 
     def write_queue(self, queue: Outbox | PacketOutbox) -> bool:
@@ -620,6 +630,7 @@ class Transport:
                 except OSError as exc:
                     if not sent_any:
                         self._raise_descriptor_error(exc, fds)
+                        self._raise_packet_too_large(exc)
                     self._raise_translated(exc, "send")
                 sent_any = True
                 ancdata = []
@@ -663,6 +674,20 @@ class Transport:
                 "process has more descriptors in flight than its "
                 "RLIMIT_NOFILE allows; wait for the peer to receive some, "
                 "or raise the limit. Nothing was sent"
+            ) from exc
+
+    def _raise_packet_too_large(self, exc: OSError) -> None:
+        """Raise for ``EMSGSIZE`` on a SEQPACKET socket: nothing was sent.
+
+        The channel checks a packet's size against ``SO_SNDBUF`` when it is
+        made; this is the kernel's answer if the buffer shrank since. Only
+        a direct write raises it: a queued packet's ``send`` has returned.
+        """
+        if exc.errno == errno.EMSGSIZE and self.sock.type == socket.SOCK_SEQPACKET:
+            raise PacketTooLargeError(
+                "the kernel refused the packet (EMSGSIZE): it is over this "
+                "socket's SO_SNDBUF less 32 bytes. Nothing was sent; split "
+                "the record or raise SO_SNDBUF"
             ) from exc
 
     def _raise_translated(self, exc: OSError, what: str) -> NoReturn:

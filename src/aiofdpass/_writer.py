@@ -49,7 +49,7 @@ from anyio import BrokenResourceError, ClosedResourceError
 
 from ._errors import LimitError
 from ._outbox import Outbox, PacketOutbox
-from ._transport import OPEN, SHUT, Transport
+from ._transport import OPEN, SHUT, PacketTooLargeError, Transport
 
 if TYPE_CHECKING:
     from ._backend import Driver
@@ -266,6 +266,8 @@ class Writer:
         self.burst = self._coalesce
         try:
             sent = transport.try_send(header + payload, numbers)
+        except PacketTooLargeError:
+            raise  # EMSGSIZE: it never fits, queueing would not help
         except LimitError:
             # ETOOMANYREFS: too many of this user's descriptors in flight.
             # For a small record that is backpressure: queue it; the

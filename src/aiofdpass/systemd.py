@@ -99,6 +99,10 @@ async def store_fds(fds: Iterable[object], *, name: str) -> bool:
     return await notify("FDSTORE=1", f"FDNAME={name}", fds=fds)
 
 
+def _is_number(value: str) -> bool:
+    return value.isascii() and value.isdigit()
+
+
 def listen_fds(*, unset_environment: bool = True) -> list[tuple[str, Fd]]:
     """Return the descriptors systemd passed to this process, with their names.
 
@@ -113,7 +117,8 @@ def listen_fds(*, unset_environment: bool = True) -> list[tuple[str, Fd]]:
         children do not see them and a second call returns ``[]`` rather
         than a second owner for the same numbers.
     :raises ValueError: if ``LISTEN_FDS`` or ``LISTEN_PID`` is not a
-        number, or a passed descriptor is not open.
+        number (decimal digits: a negative count included, as
+        ``sd_listen_fds`` refuses it), or a passed descriptor is not open.
     """
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
@@ -123,21 +128,19 @@ def listen_fds(*, unset_environment: bool = True) -> list[tuple[str, Fd]]:
             os.environ.pop(key, None)
     if not pid or not count:
         return []
-    try:
-        if int(pid) != os.getpid():
-            return []  # meant for another process (our parent)
-        n = int(count)
-    except ValueError:
-        raise ValueError(
-            f"LISTEN_PID={pid!r} and LISTEN_FDS={count!r} must be numbers"
-        ) from None
-    numbers = range(LISTEN_FDS_START, LISTEN_FDS_START + max(n, 0))
+    # Decimal digits only, as systemd writes them: int() would also take
+    # "-1", " 1", "1_0" or other scripts' digits.
+    if not (_is_number(pid) and _is_number(count)):
+        raise ValueError(f"LISTEN_PID={pid!r} and LISTEN_FDS={count!r} must be numbers")
+    if int(pid) != os.getpid():
+        return []  # meant for another process (our parent)
+    numbers = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
     for fd in numbers:
         try:
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
         except OSError:
             raise ValueError(
-                f"LISTEN_FDS={n}, but descriptor {fd} is not open"
+                f"LISTEN_FDS={count}, but descriptor {fd} is not open"
             ) from None
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
     labels = names.split(":") if names else []
