@@ -253,6 +253,20 @@ def test_interrupt_exits_130_and_removes_the_socket(tmp_path: Path) -> None:
 
 
 @pytest.mark.system
+@pytest.mark.parametrize("stream", [[], ["--stream"]], ids=["records", "stream"])
+def test_sigterm_exits_143_and_removes_the_socket(
+    tmp_path: Path, stream: list[str]
+) -> None:
+    path = tmp_path / "s.sock"
+    listener = Listener(path, *stream)
+    assert path.is_socket()
+    listener.proc.send_signal(signal.SIGTERM)
+    status, out, err = listener.finish()
+    assert (status, out, err) == (143, "", "")
+    assert not path.exists()
+
+
+@pytest.mark.system
 def test_a_peer_that_breaks_the_framing_is_one_line_on_stderr(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     listener = Listener(path, "--count", "1")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 
 import anyio
@@ -32,12 +33,13 @@ from ._version import __version__
 __all__ = ["main"]
 
 #: Exit statuses, as ``--help`` lists them.
-OK, ERROR, USAGE, INTERRUPTED = 0, 1, 2, 130
+OK, ERROR, USAGE, INTERRUPTED, TERMINATED = 0, 1, 2, 130, 143
 # How much of a record's data a line shows.
 _SHOWN = 64
 
 _EPILOG = """\
-exit status: 0 done, 1 an error (said on stderr), 2 bad usage, 130 interrupted.
+exit status: 0 done, 1 an error (said on stderr), 2 bad usage, 130 interrupted,
+143 terminated (SIGTERM; a listener removes its socket file first).
 
 examples:
   aiofdpass listen /tmp/demo.sock --count 1
@@ -96,6 +98,7 @@ class _Printer:
         self.seen = 0
         self.stop: Callable[[], None] = lambda: None
         self.closed: _OutputClosed | None = None
+        self.terminated = False
 
     def record(self, peer: str, data: bytes, fds: Sequence[int]) -> None:
         self.seen += 1
@@ -157,18 +160,29 @@ async def _listen(args: argparse.Namespace) -> int:
         listener = await listen_stream(args.path)
     else:
         listener = await listen(args.path)
-    async with listener:
-        print(f"listening on {listener.path!s}", flush=True)
-        async with anyio.create_task_group() as tg:
-            printer.stop = tg.cancel_scope.cancel
-            # serve() closes each connection when its printer returns.
-            if isinstance(listener, FdStreamListener):
-                tg.start_soon(listener.serve, partial(_print_stream, printer), tg)
-            else:
-                tg.start_soon(listener.serve, partial(_print_channel, printer), tg)
+    # SIGTERM is handled from before the first line a script may wait for:
+    # the listener stops as on Ctrl-C, removing its socket file.
+    with anyio.open_signal_receiver(signal.SIGTERM) as terms:
+        async with listener:
+            print(f"listening on {listener.path!s}", flush=True)
+            async with anyio.create_task_group() as tg:
+                printer.stop = tg.cancel_scope.cancel
+                tg.start_soon(_stop_on_sigterm, terms, printer)
+                # serve() closes each connection when its printer returns.
+                if isinstance(listener, FdStreamListener):
+                    tg.start_soon(listener.serve, partial(_print_stream, printer), tg)
+                else:
+                    tg.start_soon(listener.serve, partial(_print_channel, printer), tg)
     if printer.closed is not None:
         raise printer.closed
-    return OK
+    return TERMINATED if printer.terminated else OK
+
+
+async def _stop_on_sigterm(terms: AsyncIterator[int], printer: _Printer) -> None:
+    async for _ in terms:
+        printer.terminated = True
+        printer.stop()
+        return
 
 
 def _open(path: str) -> int:
