@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -63,6 +64,21 @@ def limit_with_free_slots(free: int) -> int:
         free -= n not in used
         n += 1
     return n
+
+
+@contextmanager
+def soft_fd_limit_at_least(wanted: int) -> Iterator[None]:
+    """Raise a lower soft RLIMIT_NOFILE to ``wanted`` for the block; restore it after.
+
+    ``wanted`` must not be over the hard limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def small_buffers(*socks: socket.socket) -> None:

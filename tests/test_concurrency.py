@@ -12,7 +12,7 @@ import pytest
 import aiofdpass
 from aiofdpass import FdChannel
 
-from .helpers import identity, pipe
+from .helpers import identity, pipe, soft_fd_limit_at_least
 
 pytestmark = pytest.mark.anyio
 
@@ -26,16 +26,12 @@ def enough_fds() -> Iterator[None]:
     Each connection costs up to four descriptors here (both ends of the
     socket, and the descriptor each side received).
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4 * CONNECTIONS + 256
     if hard != resource.RLIM_INFINITY and hard < wanted:
         pytest.fail(f"this test needs RLIMIT_NOFILE {wanted}; the hard limit is {hard}")
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
+    with soft_fd_limit_at_least(wanted):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.usefixtures("enough_fds")

@@ -44,7 +44,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from aiofdpass import FdChannel, ProtocolError, channel_pair, create_datagram_socket
 from aiofdpass.prefork import WorkerPool
 
-from .helpers import copies_of, pipe, raw, small_buffers
+from .helpers import copies_of, pipe, raw, small_buffers, soft_fd_limit_at_least
 
 T = TypeVar("T")
 
@@ -133,16 +133,12 @@ def enough_descriptors() -> Iterator[None]:
     fraction of the limit (an eighth, today); under a common soft limit of
     1024 that bound, not the scenario, would decide when ``send`` waits.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 4096
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
+    with soft_fd_limit_at_least(wanted):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def bytes_waiting(sock: socket.socket) -> int:
