@@ -334,6 +334,11 @@ async def test_bad_arguments_and_the_small_api() -> None:
                 await s.send(b"two", [r, w], to=name)
             with pytest.raises(OSError, match="not open"):
                 await s.send(b"closed fd", [w + 1000], to=name)
+            # One descriptor, or bytes, for fds: each byte is not a number.
+            with pytest.raises(TypeError, match=rf"pass \[{r}\]"):
+                await s.send(b"x", r, to=name)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="data goes in the first argument"):
+                await s.send(b"x", bytes([r]), to=name)
         room = s.extra(anyio.abc.SocketAttribute.raw_socket).getsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF
         )

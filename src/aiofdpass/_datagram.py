@@ -13,7 +13,7 @@ from anyio import BusyResourceError
 from anyio.abc import SocketAttribute, UnreliableObjectReceiveStream
 
 from ._connection import adopt_fd
-from ._convert import close_sent, filenos_of
+from ._convert import as_fd_list, close_sent, filenos_of
 from ._credentials import PeerCredentials
 from ._errors import LimitError
 from ._message import Limits, Message
@@ -156,6 +156,9 @@ class FdDatagramSocket(UnreliableObjectReceiveStream[Datagram]):
         If ``send`` raises, nothing was sent, the caller still owns its
         descriptors and ``close_fds`` closed nothing.
 
+        :raises TypeError: if ``data`` is not bytes-like, or ``fds`` is not
+            a list of descriptors (one descriptor, or bytes, says to pass a
+            list).
         :raises LimitError: over this socket's limits (nothing sent).
         :raises ConnectionRefusedError: if nobody is bound at ``to``.
         :raises FileNotFoundError: if ``to`` does not exist.
@@ -170,7 +173,7 @@ class FdDatagramSocket(UnreliableObjectReceiveStream[Datagram]):
             raise TypeError(
                 f"data must be bytes-like, not {type(data).__name__}"
             ) from None
-        objs = list(fds)
+        objs = as_fd_list(fds)
         numbers = filenos_of(objs)
         limits = self._limits
         if len(payload) > limits.max_payload:
