@@ -3,8 +3,10 @@ process against a channel pair, the consistent-hash ring, argument checks."""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import warnings
 
 import anyio
 import pytest
@@ -133,3 +135,28 @@ def test_bad_arguments(
     arguments: dict[str, object] = {"target": "tests.prefork_child:lines", "workers": 1}
     with pytest.raises(error, match=match):
         WorkerPool(**{**arguments, **kwargs})  # type: ignore[arg-type]
+
+
+async def test_worker_closes_a_connection_it_cannot_acknowledge(
+    anyio_backend: object,
+) -> None:
+    # The master sent a connection and went away before the worker read it:
+    # the worker's "taken" fails. The socket the worker had made of the
+    # connection used to be left open (until the process exited; here,
+    # until garbage collection, with a ResourceWarning).
+    master, worker = channel_pair()
+    client, server = socket.socketpair()
+    with warnings.catch_warnings(record=True) as caught, client:
+        warnings.simplefilter("always")
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_run_worker, echo_once, worker)
+                async with master:
+                    assert "ready" in await report(master)
+                    with server:
+                        await master.send(b'{"id": 1, "meta": {}}', [server])
+                # Closed before the worker ran again: it reads the record
+                # (still buffered), then its "taken" fails, and it returns.
+        gc.collect()
+        assert client.recv(100) == b""  # the worker's copy is closed
+    assert [str(w.message) for w in caught] == []

@@ -923,7 +923,11 @@ async def _run_worker(handler: Handler, channel: FdChannel | None = None) -> Non
                         drain = float(order["stop"])
                         break
                     sock = message.fds[0].to_socket()  # ours now
-                await channel.send(b'{"taken": %d}' % order["id"])
+                try:
+                    await channel.send(b'{"taken": %d}' % order["id"])
+                except BaseException:
+                    sock.close()  # the master is gone (or we are cancelled)
+                    raise
                 tg.start_soon(_serve_one, handler, channel, sock, order)
         if drain is None:
             tg.cancel_scope.cancel()  # the master is gone: so are we
