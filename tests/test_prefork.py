@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import anyio
@@ -33,7 +34,7 @@ from aiofdpass.prefork import (
     serve_tcp,
 )
 
-from .helpers import backend_id, copies_of
+from .helpers import backend_id, copies_of, soft_fd_limit_at_least
 
 pytestmark = [pytest.mark.system, pytest.mark.anyio]
 
@@ -623,3 +624,66 @@ async def test_a_restarted_worker_gets_its_keys_back(anyio_backend: object) -> N
                 ),
             )
             assert await owners(listener, pool) == before
+
+
+# -- the master's own waits: full channels, waiting connections, dead workers --
+
+
+@contextmanager
+def room_for_descriptors(count: int) -> Iterator[None]:
+    """Raise the soft RLIMIT_NOFILE (workers started inside inherit it) for
+    ``count`` more descriptors; skip where the hard limit is too low."""
+    wanted = count + 1000
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs RLIMIT_NOFILE {wanted}; the hard limit is {hard}")
+    with soft_fd_limit_at_least(wanted):
+        yield
+
+
+def to_meta_worker(
+    workers: Sequence[WorkerStatistics], key: object, meta: dict[str, object]
+) -> int:
+    """Route to worker ``meta["to"]`` while it can take one, else to the first."""
+    indexes = [w.index for w in workers]
+    wanted = meta.get("to")
+    return wanted if isinstance(wanted, int) and wanted in indexes else indexes[0]
+
+
+async def fill_channel(pool: WorkerPool, index: int) -> int:
+    """Dispatch connections to worker ``index`` (stopped) until its channel is full.
+
+    Full: its queue holds as many descriptors as the channel takes before
+    ``send`` waits, so the next dispatch to it waits. The pool routes with
+    ``to_meta_worker``; the clients are closed at once (a handler that
+    gets one later reads end of stream). Returns how many were sent.
+    """
+    channel = pool._workers[index].channel
+    assert channel is not None
+    full = channel._writer._fd_high_water
+    count = 0
+    while channel.statistics().fds_queued < full:
+        client, server = socket.socketpair()
+        with client, server:
+            await pool.dispatch(server, {"to": index})
+        count += 1
+    return count
+
+
+async def test_stop_with_a_full_channel(
+    anyio_backend: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stop() used to send the stop records one by one before its deadline:
+    # to a worker that takes nothing, with a full channel, it waited for
+    # ever (and so did leaving the `async with` block).
+    with room_for_descriptors(6000):
+        async with WorkerPool(TARGET, workers=1, route=to_meta_worker) as pool:
+            with anyio.fail_after(60):
+                stuck = pids(pool)[0]
+                await stop_and_confirm(stuck)
+                sent = await fill_channel(pool, 0)
+                await pool.stop(drain_timeout=0)
+            # Killed; what it had not taken was closed, each one logged.
+            assert pool.statistics().closed == sent
+    assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text
+    assert caplog.text.count("unserved: its worker died while stopping") == sent

@@ -430,13 +430,12 @@ class WorkerPool:
             self._stop_drain = drain_timeout
             self._stop_deadline = anyio.current_time() + drain_timeout + 5
             self._stop_event.set()
-        for worker in self._workers:
-            channel = worker.channel
-            if channel is not None and worker.told_to_stop is not channel:
-                with suppress(*_CHANNEL_ERRORS):
-                    await channel.send(self._stop_record)
-                worker.told_to_stop = channel
         with anyio.CancelScope(deadline=self._stop_deadline):
+            # Side by side and under the deadline: the channel of a worker
+            # that takes nothing (stopped, its loop blocked) may be full.
+            async with anyio.create_task_group() as tg:
+                for worker in self._workers:
+                    tg.start_soon(self._tell_to_stop, worker)
             for worker in self._workers:
                 await worker.finished.wait()
         for worker in self._workers:
@@ -453,6 +452,14 @@ class WorkerPool:
             await worker.finished.wait()
         self._cancel_supervisors()
         self._stop_done = True
+
+    async def _tell_to_stop(self, worker: _Worker) -> None:
+        """Send ``worker`` the stop record, unless its process has it already."""
+        channel = worker.channel
+        if channel is not None and worker.told_to_stop is not channel:
+            with suppress(*_CHANNEL_ERRORS):
+                await channel.send(self._stop_record)
+            worker.told_to_stop = channel
 
     def _cancel_supervisors(self) -> None:
         """End every slot's supervisor now (each closes its channel and reaps)."""
@@ -492,11 +499,9 @@ class WorkerPool:
                 command, env=env, start_new_session=True
             )
             worker.process, worker.channel = process, channel
-            if self._stopping:  # stop() came while we were starting it
-                with suppress(*_CHANNEL_ERRORS):
-                    await channel.send(self._stop_record)
-                worker.told_to_stop = channel
             try:
+                if self._stopping:  # stop() came while we were starting it
+                    await self._tell_to_stop(worker)
                 with suppress(*_CHANNEL_ERRORS):
                     async for message in channel:
                         with message:
