@@ -687,3 +687,26 @@ async def test_stop_with_a_full_channel(
             assert pool.statistics().closed == sent
     assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text
     assert caplog.text.count("unserved: its worker died while stopping") == sent
+
+
+async def test_a_dispatch_while_the_pool_starts_is_refused(
+    anyio_backend: object,
+) -> None:
+    # It used to be taken (to wait for a worker): cancelling the start then
+    # left the pool's copy of the connection open, and nobody served it.
+    pool = WorkerPool("tests.prefork_stuck:handler", workers=1)
+    entering = anyio.CancelScope()
+
+    async def enter() -> None:
+        with entering:
+            async with pool:
+                pytest.fail("the pool cannot start")  # pragma: no cover
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enter)
+            await until(pool, lambda s: s.workers[0].pid is not None)
+            a, b = socket.socketpair()
+            with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
+                await pool.dispatch(b)
+            entering.cancel()

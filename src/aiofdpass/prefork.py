@@ -355,6 +355,7 @@ class WorkerPool:
         self._stop_done = False
         self._ready_workers = 0
         self._start_error: WorkerStartError | None = None
+        self._running = False  # entered: __aenter__ returned
         self._stopping = False
         self._stopped = False
         self._next_id = 0
@@ -393,6 +394,7 @@ class WorkerPool:
             self._cancel_supervisors()
             await self._tg.__aexit__(None, None, None)
             raise self._start_error
+        self._running = True
         return self
 
     async def __aexit__(
@@ -644,12 +646,12 @@ class WorkerPool:
         :raises ValueError: if ``route`` returned an index that is not one
             of the workers it was given (and whatever ``route`` raises).
         :raises aiofdpass.LimitError: if ``meta`` as JSON is over 64 KiB.
-        :raises anyio.ClosedResourceError: if the pool is not running
-            (not entered yet, or stopping), or every worker has exited and
-            ``restart=False``; the caller keeps ``sock``.
+        :raises anyio.ClosedResourceError: if the pool is not running (not
+            entered yet, still starting, or stopping), or every worker has
+            exited and ``restart=False``; the caller keeps ``sock``.
         :raises OSError: if ``sock`` is closed (``EBADF``).
         """
-        if self._tg is None or self._stopping:
+        if not self._running or self._stopping:
             raise ClosedResourceError(
                 "the WorkerPool is not running (enter it with `async with`, "
                 "and dispatch before stop()); the socket is still yours"
