@@ -102,6 +102,11 @@ def pids(pool: WorkerPool) -> list[int]:
 async def stop_and_confirm(pid: int) -> None:
     """SIGSTOP a worker (our child) and wait until the kernel says it is stopped."""
     os.kill(pid, signal.SIGSTOP)
+    await stopped(pid)
+
+
+async def stopped(pid: int) -> None:
+    """Wait until the kernel says that our child ``pid`` is stopped."""
     flags = os.WSTOPPED | os.WNOWAIT
     await anyio.to_thread.run_sync(os.waitid, os.P_PID, pid, flags)
 
@@ -710,3 +715,53 @@ async def test_a_dispatch_while_the_pool_starts_is_refused(
             with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
                 await pool.dispatch(b)
             entering.cancel()
+
+
+async def test_a_restarted_worker_gets_many_waiting_connections(
+    anyio_backend: object, tmp_path: Path
+) -> None:
+    # The supervisor that reads a worker's reports used to send it every
+    # waiting connection itself when it said "ready", reading none of its
+    # reports meanwhile: with this many, the worker's queue of "taken" and
+    # "done" reports filled up while the master waited for room to send it
+    # more, and both waited for ever.
+    count = 10_000
+    hold = tmp_path / "hold"
+    sent: list[object] = []
+
+    def in_turn(
+        workers: Sequence[WorkerStatistics], key: object, meta: dict[str, object]
+    ) -> int:
+        sent.append(meta["n"])
+        return workers[0].index
+
+    env = {**ENV, "PREFORK_HOLD_IF": str(hold)}
+    with room_for_descriptors(count):
+        async with WorkerPool(
+            "tests.prefork_held:numbered",
+            workers=1,
+            route=in_turn,
+            env=env,
+            drain_timeout=0,
+        ) as pool:
+            with anyio.fail_after(60):
+                victim = pids(pool)[0]
+                hold.touch()  # its successor stops itself before it is ready
+                os.kill(victim, signal.SIGKILL)
+                await until(pool, lambda s: s.workers[0].pid not in (None, victim))
+                successor = pids(pool)[0]
+                await stopped(successor)
+                hold.unlink()
+                for n in range(count):
+                    client, server = socket.socketpair()
+                    with client:  # what it wrote stays readable
+                        client.sendall(b"%d\n" % n)
+                    await pool.dispatch(server, {"n": n}, close=True)
+                assert pool.statistics().waiting == count
+                os.kill(successor, signal.SIGCONT)
+                await until(pool, lambda s: s.served == count)
+            stats = pool.statistics()
+            # Each handler read the number its meta names: none lost, none
+            # mixed up, and they went out in the order they came.
+            assert (stats.waiting, stats.closed, stats.workers[0].errors) == (0, 0, 0)
+            assert sent == list(range(count))

@@ -346,6 +346,8 @@ class WorkerPool:
         self._workers = [_Worker(i) for i in range(workers)]
         self._ring = _Ring(workers)
         self._waiting: deque[_Connection] = deque()
+        # The scope of the task that sends the waiting ones on, while it runs.
+        self._drain_scope: anyio.CancelScope | None = None
         self._tg: TaskGroup | None = None
         self._started = anyio.Event()
         self._stop_event = anyio.Event()
@@ -468,6 +470,8 @@ class WorkerPool:
         self._stopping = self._stopped = True
         for worker in self._workers:
             worker.scope.cancel()
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
 
@@ -508,7 +512,7 @@ class WorkerPool:
                     async for message in channel:
                         with message:
                             report = json.loads(message.data)
-                        if await self._on_report(worker, report) and first:
+                        if self._on_report(worker, report) and first:
                             first = False
                             self._ready_workers += 1
                             if self._ready_workers == len(self._workers):
@@ -561,8 +565,13 @@ class WorkerPool:
                 with anyio.move_on_after(delay):
                     await self._stop_event.wait()  # stop() ends the wait
 
-    async def _on_report(self, worker: _Worker, report: dict[str, Any]) -> bool:
-        """Apply one report from a worker; return whether it was "ready"."""
+    def _on_report(self, worker: _Worker, report: dict[str, Any]) -> bool:
+        """Apply one report from a worker; return whether it was "ready".
+
+        Never waits: the slot's supervisor calls it between reads, and a
+        supervisor that waited to send its worker something while that
+        worker waited for room to report would wait for ever.
+        """
         if "taken" in report:
             connection = worker.pending.pop(report["taken"])
             connection.fd.close()  # the worker has its own copy now
@@ -581,8 +590,7 @@ class WorkerPool:
                 )
         elif "ready" in report:
             worker.ready = True
-            while self._waiting and not self._stopping:
-                await self._send(self._waiting.popleft())
+            self._send_waiting()
             return True
         return False
 
@@ -609,7 +617,56 @@ class WorkerPool:
                 self._close_unserved(connection, "its worker died while stopping")
             else:
                 self._redispatched += 1
-                await self._send(connection)
+                if not await self._send(connection):
+                    self._hold(connection)
+
+    def _usable(self, worker: _Worker) -> bool:
+        """Whether ``worker`` takes connections now."""
+        return worker.ready and worker.channel is not None
+
+    def _send_waiting(self) -> None:
+        """Start sending the waiting connections on, if a worker can take them.
+
+        A task of the pool's does it (:meth:`_drain_waiting`), never a
+        slot's supervisor: that one must go on reading its worker's
+        reports, or a worker that waits for room to report and a master
+        that waits for room to send to it would wait for each other.
+        """
+        if not self._waiting or self._drain_scope is not None or self._stopping:
+            return
+        if any(self._usable(w) for w in self._workers):
+            assert self._tg is not None
+            self._drain_scope = anyio.CancelScope(shield=True)
+            self._tg.start_soon(self._drain_waiting, self._drain_scope)
+        elif not self._restart:
+            while self._waiting:
+                self._close_unserved(self._waiting.popleft(), "no worker is running")
+
+    async def _drain_waiting(self, scope: anyio.CancelScope) -> None:
+        """Send the waiting connections to workers, oldest first.
+
+        Shielded, as the supervisors are: cancelling the code around the
+        pool must not stop connections from reaching a worker before
+        :meth:`stop` has had its say. It ends when none is left, when no
+        worker can take the next one (the next "ready" starts it again), or
+        when the pool stops (:meth:`stop` closes those still waiting).
+        """
+        try:
+            with scope:
+                while self._waiting and not self._stopping:
+                    connection = self._waiting.popleft()
+                    try:
+                        sent = await self._send(connection)
+                    except BaseException:
+                        # Cancelled: the pool is ending (stop() is done).
+                        self._close_unserved(connection, "the pool is stopping")
+                        raise
+                    if not sent:  # no worker can take it now: it stays first
+                        self._waiting.appendleft(connection)
+                        break
+        finally:
+            self._drain_scope = None
+            self._send_waiting()  # restart=False and no worker left: close them
 
     # -- dispatch --------------------------------------------------------------
 
@@ -633,10 +690,11 @@ class WorkerPool:
         connection waits in the pool for the first one to be ready
         (``restart=True``) or is closed and logged.
 
-        Returns once the record is committed to the worker's channel, not
-        when the worker took it; it waits only while that channel's queue
-        is full. If it raises or is cancelled, nothing was sent and ``sock``
-        is still the caller's, also with ``close=True``.
+        Returns once the record is committed to the worker's channel (or
+        the connection waits in the pool), not when the worker took it; it
+        waits only while that channel's queue is full. If it raises or is
+        cancelled, nothing was sent and ``sock`` is still the caller's, also
+        with ``close=True``.
 
         :param meta: JSON-able metadata; the handler gets it as a ``dict``.
         :param key: route by consistent hashing of ``str(key)`` (or the
@@ -691,10 +749,12 @@ class WorkerPool:
         fd = Fd(os.dup(number))
         connection = _Connection(self._next_id, fd, meta, record, key)
         try:
-            await self._send(connection, strict=True)
+            sent = await self._send(connection, strict=True)
         except BaseException:
             fd.close()
             raise
+        if not sent:
+            self._hold(connection)
         self._dispatched += 1
         if close:
             if isinstance(sock, int):
@@ -708,8 +768,7 @@ class WorkerPool:
         """Pick the worker for ``connection`` among those available, not tried."""
 
         def usable(index: int) -> bool:
-            worker = self._workers[index]
-            return worker.ready and worker.channel is not None and index not in tried
+            return index not in tried and self._usable(self._workers[index])
 
         if callable(self._route):
             candidates = [w for w in self._workers if usable(w.index)]
@@ -750,18 +809,26 @@ class WorkerPool:
                 best = worker
         return best
 
-    async def _send(self, connection: _Connection, *, strict: bool = False) -> None:
-        """Send ``connection`` to a worker; or hold it for one; or close it."""
+    async def _send(self, connection: _Connection, *, strict: bool = False) -> bool:
+        """Send ``connection`` to a worker: ``False`` if none can take it now.
+
+        ``True`` once it is sent (or, not ``strict``, closed and logged:
+        see below); ``False`` leaves it with the caller. A send that raised
+        sent nothing: another worker is tried if that one's channel is
+        gone. An error about the record itself (over the channel's limits,
+        EMFILE for its copy) is raised with ``strict``, or closes the
+        connection and is logged.
+        """
         tried: set[int] = set()
         while True:
             worker = self._choose(connection, tried, strict)
             if worker is None:
-                break
+                return False
             assert worker.channel is not None
             worker.pending[connection.id] = connection
             try:
                 await worker.channel.send(connection.record, [connection.fd])
-                return
+                return True
             except _WORKER_GONE:
                 # send() raised: nothing was sent and our copy is still ours.
                 del worker.pending[connection.id]
@@ -773,12 +840,15 @@ class WorkerPool:
                 if strict:
                     raise  # dispatch() raises it; the caller keeps its socket
                 self._close_unserved(connection, f"sending it failed: {exc!r}")
-                return
+                return True
             except BaseException:
                 del worker.pending[connection.id]
                 raise
+
+    def _hold(self, connection: _Connection) -> None:
+        """Keep ``connection`` until a worker is ready, or close it if none will be."""
         if self._restart and not self._stopping:
-            self._waiting.append(connection)  # the next worker that is ready takes it
+            self._waiting.append(connection)  # the next worker ready takes it
         else:
             self._close_unserved(connection, "no worker is running")
 
