@@ -765,3 +765,86 @@ async def test_a_restarted_worker_gets_many_waiting_connections(
             # mixed up, and they went out in the order they came.
             assert (stats.waiting, stats.closed, stats.workers[0].errors) == (0, 0, 0)
             assert sent == list(range(count))
+
+
+@asynccontextmanager
+async def dispatch_waiting(
+    pool: WorkerPool, index: int, sent: int
+) -> AsyncIterator[socket.socket]:
+    """Dispatch one more connection to worker ``index`` (full: it waits).
+
+    Yields the client end once the dispatch waits; the block ends when the
+    dispatch returned, and fails if it raised.
+    """
+    client, server = socket.socketpair()
+
+    async def dispatch() -> None:
+        with server:
+            await pool.dispatch(server, {"to": index})
+
+    with client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatch)
+            # Its connection is pending; the queue is full: the send waits.
+            await until(pool, lambda s: s.workers[index].pending == sent + 1)
+            yield client
+
+
+async def answer(client: socket.socket, line: bytes) -> tuple[int, bytes]:
+    """Ask over a raw socket: return the answering worker's pid and the line."""
+    client.sendall(line + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        await anyio.wait_readable(client)
+        data += client.recv(4096)
+    pid, _, echoed = data[:-1].partition(b" ")
+    return int(pid), echoed
+
+
+async def test_a_dispatch_waiting_on_a_worker_that_dies(anyio_backend: object) -> None:
+    # The worker's channel is full, so the dispatch waits; the worker dies:
+    # the connection goes to another worker and dispatch returns.
+    with room_for_descriptors(6000):
+        async with WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool:
+            with anyio.fail_after(60):
+                victim, other = pids(pool)
+                await stop_and_confirm(victim)
+                sent = await fill_channel(pool, 0)
+                async with dispatch_waiting(pool, 0, sent) as client:
+                    os.kill(victim, signal.SIGKILL)
+                    pid, echoed = await answer(client, b"hello")
+                    assert (pid, echoed) == (other, b"hello")
+                await until(pool, lambda s: s.served == sent + 1)
+            assert pool.statistics().closed == 0
+
+
+async def test_a_dispatch_whose_connection_the_pool_took_back(
+    anyio_backend: object,
+) -> None:
+    # The same, with the dead worker's supervisor first: it takes the
+    # connection out of the worker's pending and sends it on before the
+    # waiting send fails. That send used to find it gone (KeyError), and
+    # dispatch closed the pool's copy that was sent on and raised. Whoever
+    # takes a connection out of pending owns it: dispatch has succeeded.
+    # (The channel wakes the waiting send first as it is, so the test does
+    # the supervisor's part itself, in that order.)
+    with room_for_descriptors(6000):
+        async with WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool:
+            with anyio.fail_after(60):
+                victim = pids(pool)[0]
+                await stop_and_confirm(victim)
+                sent = await fill_channel(pool, 0)
+                async with dispatch_waiting(pool, 0, sent) as client:
+                    dead = pool._workers[0]
+                    dead.ready = False  # its channel ended, as far as we know
+                    await pool._on_death(dead, victim, -signal.SIGKILL)
+                    os.kill(victim, signal.SIGKILL)
+                    # By the other worker, or the victim's successor if
+                    # that was ready before the queue came to it.
+                    pid, echoed = await answer(client, b"hello")
+                    assert pid != victim
+                    assert echoed == b"hello"
+                await until(pool, lambda s: s.served == sent + 1)
+            stats = pool.statistics()
+            assert (stats.dispatched, stats.redispatched) == (sent + 1, sent + 1)
+            assert stats.closed == 0

@@ -158,6 +158,10 @@ class _Connection:
     meta: dict[str, Any]
     record: bytes
     key: object
+    #: Set by :meth:`WorkerPool._send` when it raises (a cancellation)
+    #: after a dead worker's supervisor took the connection out of
+    #: ``pending``: the pool owns it then, and sends it on.
+    adopted: bool = False
 
 
 class _Worker:
@@ -595,9 +599,17 @@ class WorkerPool:
         return False
 
     async def _on_death(self, worker: _Worker, pid: int, status: int) -> None:
-        """Re-dispatch what a dead worker had not taken; log what it lost."""
-        orphans = list(worker.pending.values())
-        worker.pending.clear()
+        """Re-dispatch what a dead worker had not taken; log what it lost.
+
+        Taking a connection out of ``pending`` makes it the pool's (see
+        :meth:`_send`).
+        """
+        # Emptied, so that a send still waiting on the dead worker's channel
+        # finds its connection gone; and replaced, so that it never finds
+        # it again in the next process's (the queue may send it there).
+        taken, worker.pending = worker.pending, {}
+        orphans = list(taken.values())
+        taken.clear()
         lost, worker.active = worker.active, 0
         if self._stopping and status == 0 and not lost and not orphans:
             logger.info("worker %d (pid %d) stopped", worker.index, pid)
@@ -659,7 +671,8 @@ class WorkerPool:
                         sent = await self._send(connection)
                     except BaseException:
                         # Cancelled: the pool is ending (stop() is done).
-                        self._close_unserved(connection, "the pool is stopping")
+                        if not connection.adopted:
+                            self._close_unserved(connection, "the pool is stopping")
                         raise
                     if not sent:  # no worker can take it now: it stays first
                         self._waiting.appendleft(connection)
@@ -692,9 +705,18 @@ class WorkerPool:
 
         Returns once the record is committed to the worker's channel (or
         the connection waits in the pool), not when the worker took it; it
-        waits only while that channel's queue is full. If it raises or is
-        cancelled, nothing was sent and ``sock`` is still the caller's, also
-        with ``close=True``.
+        waits only while that channel's queue is full. If the worker dies
+        while it waits, the connection goes to another worker and
+        ``dispatch`` returns as if it had gone there first.
+
+        If it raises or is cancelled, nothing was sent and ``sock`` is
+        still the caller's, also with ``close=True``. One exception: a
+        dispatch cancelled while it waits on a worker that dies at that
+        moment may find that the pool has already taken the connection
+        over to send it on; it then raises the cancellation and the
+        connection is served all the same (and counted as dispatched).
+        Either way ``sock`` itself stays the caller's to close; never
+        dispatch a socket again after a cancelled dispatch of it.
 
         :param meta: JSON-able metadata; the handler gets it as a ``dict``.
         :param key: route by consistent hashing of ``str(key)`` (or the
@@ -751,7 +773,10 @@ class WorkerPool:
         try:
             sent = await self._send(connection, strict=True)
         except BaseException:
-            fd.close()
+            if connection.adopted:  # the pool sends it on (see above)
+                self._dispatched += 1
+            else:
+                fd.close()
             raise
         if not sent:
             self._hold(connection)
@@ -813,37 +838,47 @@ class WorkerPool:
         """Send ``connection`` to a worker: ``False`` if none can take it now.
 
         ``True`` once it is sent (or, not ``strict``, closed and logged:
-        see below); ``False`` leaves it with the caller. A send that raised
-        sent nothing: another worker is tried if that one's channel is
-        gone. An error about the record itself (over the channel's limits,
-        EMFILE for its copy) is raised with ``strict``, or closes the
-        connection and is logged.
+        see below); ``False`` leaves it with the caller.
+
+        While the send waits, the connection is in the chosen worker's
+        ``pending``, and whoever takes it out of there owns it. If the
+        worker dies meanwhile, its supervisor may take it first
+        (:meth:`_on_death`): the pool sends it on, and this returns
+        ``True``, or, cancelled, raises with ``adopted`` set. Otherwise a
+        send that raised sent nothing and the connection is the caller's
+        again: another worker is tried if that one's channel is gone. An
+        error about the record itself (over the channel's limits, EMFILE
+        for its copy) is raised with ``strict``, or closes the connection
+        and is logged.
         """
+        connection.adopted = False
         tried: set[int] = set()
         while True:
             worker = self._choose(connection, tried, strict)
             if worker is None:
                 return False
-            assert worker.channel is not None
-            worker.pending[connection.id] = connection
+            channel = worker.channel
+            assert channel is not None
+            pending = worker.pending  # _on_death empties and replaces a dead one's
+            pending[connection.id] = connection
             try:
-                await worker.channel.send(connection.record, [connection.fd])
-                return True
-            except _WORKER_GONE:
-                # send() raised: nothing was sent and our copy is still ours.
-                del worker.pending[connection.id]
-                tried.add(worker.index)
-            except Exception as exc:
-                # About the record (over the channel's limits, EMFILE for the
-                # channel's duplicate): no other worker would take it either.
-                del worker.pending[connection.id]
-                if strict:
-                    raise  # dispatch() raises it; the caller keeps its socket
+                await channel.send(connection.record, [connection.fd])
+            except BaseException as exc:
+                if pending.pop(connection.id, None) is None:
+                    # Its worker died and the pool took it: sent, as far as
+                    # the caller is concerned (it is served elsewhere).
+                    if isinstance(exc, Exception):
+                        return True
+                    connection.adopted = True
+                    raise
+                if isinstance(exc, _WORKER_GONE):
+                    tried.add(worker.index)  # nothing was sent: try another
+                    continue
+                if strict or not isinstance(exc, Exception):
+                    raise  # the caller still owns it
+                # About the record: no other worker would take it either.
                 self._close_unserved(connection, f"sending it failed: {exc!r}")
-                return True
-            except BaseException:
-                del worker.pending[connection.id]
-                raise
+            return True
 
     def _hold(self, connection: _Connection) -> None:
         """Keep ``connection`` until a worker is ready, or close it if none will be."""
