@@ -837,7 +837,7 @@ async def test_a_dispatch_whose_connection_the_pool_took_back(
                 async with dispatch_waiting(pool, 0, sent) as client:
                     dead = pool._workers[0]
                     dead.ready = False  # its channel ended, as far as we know
-                    await pool._on_death(dead, victim, -signal.SIGKILL)
+                    pool._on_death(dead, victim, -signal.SIGKILL)
                     os.kill(victim, signal.SIGKILL)
                     # By the other worker, or the victim's successor if
                     # that was ready before the queue came to it.
@@ -848,3 +848,38 @@ async def test_a_dispatch_whose_connection_the_pool_took_back(
             stats = pool.statistics()
             assert (stats.dispatched, stats.redispatched) == (sent + 1, sent + 1)
             assert stats.closed == 0
+
+
+async def test_a_dead_workers_slot_restarts_while_its_connections_wait(
+    anyio_backend: object,
+) -> None:
+    # A dead worker's supervisor used to send the connections it had not
+    # taken on itself, one by one, holding the rest meanwhile: while the
+    # channel of the worker they went to was full, the slot was not
+    # restarted. Now they wait in the pool's queue, which a task of the
+    # pool sends on.
+    with room_for_descriptors(6000):
+        async with (
+            tcp_listener() as listener,
+            WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool,
+        ):
+            with anyio.fail_after(60):
+                victim, busy = pids(pool)
+                await stop_and_confirm(busy)
+                sent = await fill_channel(pool, 1)
+                await stop_and_confirm(victim)
+                orphan = await connect(listener, pool, meta={"to": 0})
+                os.kill(victim, signal.SIGKILL)
+                await until(
+                    pool,
+                    lambda s: s.workers[0].restarts == 1 and s.workers[0].available,
+                )
+                fresh = await connect(listener, pool, meta={"to": 0})
+                async with fresh.stream:
+                    pid, _ = await fresh.ask("fresh")
+                assert pid not in (victim, busy)
+                os.kill(busy, signal.SIGCONT)
+                async with orphan.stream:
+                    assert await orphan.ask("orphan") == (busy, "orphan")
+                await until(pool, lambda s: s.served == sent + 2)
+            assert pool.statistics().redispatched == 1

@@ -548,7 +548,7 @@ class WorkerPool:
                 )
                 self._started.set()
                 return
-            await self._on_death(worker, process.pid, status)
+            self._on_death(worker, process.pid, status)
             if not self._restart or self._stopping:
                 return
             worker.restarts += 1
@@ -598,11 +598,13 @@ class WorkerPool:
             return True
         return False
 
-    async def _on_death(self, worker: _Worker, pid: int, status: int) -> None:
+    def _on_death(self, worker: _Worker, pid: int, status: int) -> None:
         """Re-dispatch what a dead worker had not taken; log what it lost.
 
         Taking a connection out of ``pending`` makes it the pool's (see
-        :meth:`_send`).
+        :meth:`_send`); the orphans go to the front of the waiting queue,
+        which a task of the pool sends on, so no await comes between
+        taking them and handing them on.
         """
         # Emptied, so that a send still waiting on the dead worker's channel
         # finds its connection gone; and replaced, so that it never finds
@@ -624,13 +626,13 @@ class WorkerPool:
                 len(orphans),
                 "closed" if self._stopping else "re-dispatched",
             )
-        for connection in orphans:
-            if self._stopping:
+        if self._stopping:
+            for connection in orphans:
                 self._close_unserved(connection, "its worker died while stopping")
-            else:
-                self._redispatched += 1
-                if not await self._send(connection):
-                    self._hold(connection)
+            return
+        self._redispatched += len(orphans)
+        self._waiting.extendleft(reversed(orphans))  # before those that came later
+        self._send_waiting()
 
     def _usable(self, worker: _Worker) -> bool:
         """Whether ``worker`` takes connections now."""
