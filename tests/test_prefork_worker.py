@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import socket
 import warnings
 
@@ -12,8 +13,8 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from aiofdpass import FdChannel, channel_pair
-from aiofdpass.prefork import WorkerPool, _Ring, _run_worker
+from aiofdpass import Fd, FdChannel, channel_pair
+from aiofdpass.prefork import WorkerPool, _Connection, _Ring, _run_worker
 
 from .helpers import copies_of
 
@@ -160,3 +161,29 @@ async def test_worker_closes_a_connection_it_cannot_acknowledge(
         gc.collect()
         assert client.recv(100) == b""  # the worker's copy is closed
     assert [str(w.message) for w in caught] == []
+
+
+async def test_the_master_reads_reports_in_the_fixed_form_and_in_any_json(
+    anyio_backend: object,
+) -> None:
+    # The worker's "taken" and "done" come in a fixed form that the master
+    # reads without a JSON parser; the same reports spelt otherwise count
+    # all the same.
+    pool = WorkerPool("tests.prefork_child:lines", workers=1)
+    worker = pool._workers[0]
+    reports = [
+        (b'{"taken": 1}', b'{"done": 1, "error": null}'),
+        (b'{"taken":2}', b'{"error": null, "done": 2}'),
+        (b'{ "taken": 3 }', b'{"done": 3, "error": "ValueError()"}'),
+    ]
+    for number, (taken, done) in enumerate(reports, 1):
+        client, server = socket.socketpair()
+        with client, server:
+            copy = Fd(os.dup(server.fileno()))
+            worker.pending[number] = _Connection(number, copy, {}, b"", None)
+            assert not pool._on_report(worker, taken)
+            assert (worker.pending, worker.active, copy.closed) == ({}, 1, True)
+            assert not pool._on_report(worker, done)
+            assert (worker.active, worker.served) == (0, number)
+    assert worker.errors == 1
+    assert pool._on_report(worker, b'{"ready": 4242}')

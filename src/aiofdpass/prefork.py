@@ -73,6 +73,13 @@ _CHANNEL_ERRORS = (BrokenResourceError, ClosedResourceError, FdPassError)
 # another worker. Anything else (LimitError, EMFILE) is about the record.
 _WORKER_GONE = (BrokenResourceError, ClosedResourceError)
 _RING_POINTS = 64  # points per worker on the consistent-hash ring
+# The worker's two reports on every connection, in a fixed form (still
+# JSON) that the master reads without a JSON parser: it reads two of them
+# per connection. Any other report is parsed as JSON.
+_TAKEN = b'{"taken": %d}'
+_DONE = b'{"done": %d, "error": null}'
+_TAKEN_HEAD, _TAKEN_TAIL = _TAKEN.split(b"%d")
+_DONE_HEAD, _DONE_TAIL = _DONE.split(b"%d")
 _MAX_DELAYS_KEPT = 32
 
 
@@ -514,9 +521,9 @@ class WorkerPool:
                     await self._tell_to_stop(worker)
                 with suppress(*_CHANNEL_ERRORS):
                     async for message in channel:
-                        with message:
-                            report = json.loads(message.data)
-                        if self._on_report(worker, report) and first:
+                        if message.nfds:  # a worker sends none: keep none
+                            message.close()
+                        if self._on_report(worker, message.data) and first:
                             first = False
                             self._ready_workers += 1
                             if self._ready_workers == len(self._workers):
@@ -569,34 +576,47 @@ class WorkerPool:
                 with anyio.move_on_after(delay):
                     await self._stop_event.wait()  # stop() ends the wait
 
-    def _on_report(self, worker: _Worker, report: dict[str, Any]) -> bool:
+    def _on_report(self, worker: _Worker, data: bytes) -> bool:
         """Apply one report from a worker; return whether it was "ready".
 
         Never waits: the slot's supervisor calls it between reads, and a
         supervisor that waited to send its worker something while that
         worker waited for room to report would wait for ever.
         """
+        if data.startswith(_TAKEN_HEAD) and data.endswith(_TAKEN_TAIL):
+            self._on_taken(worker, int(data[len(_TAKEN_HEAD) : -len(_TAKEN_TAIL)]))
+            return False
+        if data.startswith(_DONE_HEAD) and data.endswith(_DONE_TAIL):
+            self._on_done(worker, int(data[len(_DONE_HEAD) : -len(_DONE_TAIL)]), None)
+            return False
+        report = json.loads(data)
         if "taken" in report:
-            connection = worker.pending.pop(report["taken"])
-            connection.fd.close()  # the worker has its own copy now
-            worker.active += 1
+            self._on_taken(worker, report["taken"])
         elif "done" in report:
-            worker.active -= 1
-            worker.served += 1
-            worker.failures = 0
-            if report.get("error") is not None:
-                worker.errors += 1
-                logger.warning(
-                    "worker %d: the handler failed on connection %s: %s",
-                    worker.index,
-                    report["done"],
-                    report["error"],
-                )
+            self._on_done(worker, report["done"], report.get("error"))
         elif "ready" in report:
             worker.ready = True
             self._send_waiting()
             return True
         return False
+
+    def _on_taken(self, worker: _Worker, number: int) -> None:
+        connection = worker.pending.pop(number)
+        connection.fd.close()  # the worker has its own copy now
+        worker.active += 1
+
+    def _on_done(self, worker: _Worker, number: int, error: str | None) -> None:
+        worker.active -= 1
+        worker.served += 1
+        worker.failures = 0
+        if error is not None:
+            worker.errors += 1
+            logger.warning(
+                "worker %d: the handler failed on connection %s: %s",
+                worker.index,
+                number,
+                error,
+            )
 
     def _on_death(self, worker: _Worker, pid: int, status: int) -> None:
         """Re-dispatch what a dead worker had not taken; log what it lost.
@@ -1038,7 +1058,7 @@ async def _run_worker(handler: Handler, channel: FdChannel | None = None) -> Non
                         break
                     sock = message.fds[0].to_socket()  # ours now
                 try:
-                    await channel.send(b'{"taken": %d}' % order["id"])
+                    await channel.send(_TAKEN % order["id"])
                 except BaseException:
                     sock.close()  # the master is gone (or we are cancelled)
                     raise
@@ -1074,5 +1094,8 @@ async def _serve_one(
             logger.exception("the handler failed on connection %d", order["id"])
             error = repr(exc)
     with suppress(*_CHANNEL_ERRORS):
-        report = {"done": order["id"], "error": error}
-        await channel.send(json.dumps(report).encode())
+        if error is None:
+            await channel.send(_DONE % order["id"])
+        else:
+            report = {"done": order["id"], "error": error}
+            await channel.send(json.dumps(report).encode())
