@@ -1057,11 +1057,6 @@ async def _run_worker(handler: Handler, channel: FdChannel | None = None) -> Non
                         drain = float(order["stop"])
                         break
                     sock = message.fds[0].to_socket()  # ours now
-                try:
-                    await channel.send(_TAKEN % order["id"])
-                except BaseException:
-                    sock.close()  # the master is gone (or we are cancelled)
-                    raise
                 tg.start_soon(_serve_one, handler, channel, sock, order)
         if drain is None:
             tg.cancel_scope.cancel()  # the master is gone: so are we
@@ -1072,7 +1067,22 @@ async def _run_worker(handler: Handler, channel: FdChannel | None = None) -> Non
 async def _serve_one(
     handler: Handler, channel: FdChannel, sock: socket.socket, order: dict[str, Any]
 ) -> None:
-    """Run the handler on one connection; report to the master when it ends."""
+    """Take one connection, run the handler on it, report when it ends.
+
+    The task acknowledges the connection ("taken"), not the loop that
+    receives them: that loop reads all the records that one read brought
+    before any of these tasks runs, so their acknowledgements are sent
+    together (the channel writes what is sent between two reads in one
+    ``sendmsg``), not one system call and one wake-up of the master each.
+    """
+    try:
+        await channel.send(_TAKEN % order["id"])
+    except _CHANNEL_ERRORS:
+        sock.close()  # the master is gone: so are we, soon
+        return
+    except BaseException:
+        sock.close()
+        raise
     error: str | None = None
     try:
         # anyio refuses a socket that is no longer connected: a client that
