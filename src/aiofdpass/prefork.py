@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import hashlib
 import importlib
 import json
@@ -753,6 +754,58 @@ class WorkerPool:
             exited and ``restart=False``; the caller keeps ``sock``.
         :raises OSError: if ``sock`` is closed (``EBADF``).
         """
+        self._check_running()
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
+        connection_id, record = self._record(meta)
+        if isinstance(sock, socket.socket):
+            number = sock.fileno()
+            if number < 0:
+                raise OSError(errno.EBADF, "sock is closed")
+            is_stream = sock.type == socket.SOCK_STREAM
+        else:
+            number = sock
+            is_stream = stat.S_ISSOCK(os.fstat(number).st_mode)
+        # A descriptor the worker cannot make a socket of would crash every
+        # worker it is re-dispatched to, in turn.
+        if not is_stream:
+            raise TypeError(
+                f"sock must be a connected stream socket; descriptor {number} "
+                "is not one (it is still yours)"
+            )
+        await self._hand_over(Fd(os.dup(number)), connection_id, meta, record, key)
+        if close:
+            if isinstance(sock, int):
+                os.close(sock)
+            else:
+                sock.close()
+
+    async def _dispatch_accepted(self, number: int, host: str, port: int) -> None:
+        """Dispatch the connection :func:`serve_tcp` accepted as ``number``.
+
+        The pool owns ``number`` from the call on, as its own copy (no
+        duplicate to make; it is closed if this raises). What ``accept``
+        gave needs no checks: a TCP stream socket, and a peer whose address
+        is an IP literal (digits, hex digits, dots and colons), which goes
+        into the record's JSON as it is.
+        """
+        fd = Fd._adopt(number)
+        try:
+            self._check_running()
+        except BaseException:
+            fd.close()
+            raise
+        self._next_id += 1
+        record = b'{"id": %d, "meta": {"peer": ["%s", %d]}}' % (
+            self._next_id,
+            host.encode(),
+            port,
+        )
+        meta = {"peer": [host, port]}
+        await self._hand_over(fd, self._next_id, meta, record, None)
+
+    def _check_running(self) -> None:
         if not self._running or self._stopping:
             raise ClosedResourceError(
                 "the WorkerPool is not running (enter it with `async with`, "
@@ -763,14 +816,15 @@ class WorkerPool:
                 "every worker of this WorkerPool has exited and restart=False: "
                 "nothing can serve the connection; the socket is still yours"
             )
-        meta = {} if meta is None else meta
-        if not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
-        self._next_id += 1
+
+    def _record(self, meta: dict[str, Any]) -> tuple[int, bytes]:
+        """Give the next connection its number; return it and its record."""
         try:
-            record = json.dumps({"id": self._next_id, "meta": meta}).encode()
+            encoded = json.dumps(meta).encode()
         except (TypeError, ValueError) as exc:
             raise TypeError(f"meta must be JSON-able: {exc}") from None
+        self._next_id += 1
+        record = b'{"id": %d, "meta": %b}' % (self._next_id, encoded)
         if len(record) > DIRECT_BYTES:
             # A record this large is written from the caller's buffer, and a
             # cancelled dispatch could leave it half written: the worker
@@ -780,22 +834,27 @@ class WorkerPool:
                 f"meta is {len(record)} bytes as JSON, over the pool's limit of "
                 f"{DIRECT_BYTES}: pass a reference to it; the socket is still yours"
             )
-        number = sock if isinstance(sock, int) else sock.fileno()
-        # A descriptor the worker cannot make a socket of would crash every
-        # worker it is re-dispatched to, in turn.
-        if not stat.S_ISSOCK(os.fstat(number).st_mode) or (
-            isinstance(sock, socket.socket) and sock.type != socket.SOCK_STREAM
-        ):
-            raise TypeError(
-                f"sock must be a connected stream socket; descriptor {number} "
-                "is not one (it is still yours)"
-            )
-        fd = Fd(os.dup(number))
-        connection = _Connection(self._next_id, fd, meta, record, key)
+        return self._next_id, record
+
+    async def _hand_over(
+        self,
+        fd: Fd,
+        connection_id: int,
+        meta: dict[str, Any],
+        record: bytes,
+        key: object,
+    ) -> None:
+        """Send the pool's copy ``fd`` of a connection on, or hold it.
+
+        ``fd`` is the pool's from the call on: if this raises it is closed,
+        unless the pool took the connection over meanwhile (see
+        :meth:`dispatch`).
+        """
+        connection = _Connection(connection_id, fd, meta, record, key)
         try:
             sent = await self._send(connection, strict=True)
         except BaseException:
-            if connection.adopted:  # the pool sends it on (see above)
+            if connection.adopted:  # the pool sends it on (see dispatch)
                 self._dispatched += 1
             else:
                 fd.close()
@@ -803,11 +862,6 @@ class WorkerPool:
         if not sent:
             self._hold(connection)
         self._dispatched += 1
-        if close:
-            if isinstance(sock, int):
-                os.close(sock)
-            else:
-                sock.close()
 
     def _choose(
         self, connection: _Connection, tried: set[int], strict: bool
@@ -932,6 +986,12 @@ class WorkerPool:
 
 # -- the one-call server -------------------------------------------------------
 
+# socket.accept() wraps the new descriptor in a socket object (a
+# getsockname() call and two enum conversions) that serve_tcp would only
+# take the number out of again: the number and the address, as accept()
+# itself gets them.
+_accept: Callable[[socket.socket], tuple[int, Any]] = socket.socket._accept  # type: ignore[attr-defined]
+
 
 async def serve_tcp(
     host: str,
@@ -952,10 +1012,11 @@ async def serve_tcp(
     ``{"peer": [host, port]}``; the workers run ``target`` on it. Runs
     until cancelled, then stops the pool (finishing connections for up to
     ``drain_timeout`` seconds). A connection whose dispatch raises (out of
-    descriptors for the pool's copy, a ``route`` that raised) is closed and
-    logged, and the loop goes on. With ``await task_group.start(serve_tcp,
-    ...)`` the start value is the bound ``(host, port)`` (useful with port
-    0).
+    descriptors, a ``route`` that raised) is closed and logged, and the
+    loop goes on. The accepted descriptor itself is the pool's copy of the
+    connection: the master makes no duplicate. With ``await
+    task_group.start(serve_tcp, ...)`` the start value is the bound
+    ``(host, port)`` (useful with port 0).
 
     :param host: the address to listen on (``"::"`` for IPv6).
     :param port: the TCP port; ``0`` lets the kernel pick one.
@@ -984,7 +1045,7 @@ async def serve_tcp(
                 await anyio.wait_readable(listener)
                 for _ in range(64):  # then let the loop run other tasks
                     try:
-                        sock, peer = listener.accept()
+                        number, peer = _accept(listener)
                     except BlockingIOError:
                         break
                     except (ConnectionAbortedError, ConnectionResetError):
@@ -993,20 +1054,18 @@ async def serve_tcp(
                         logger.error("accept failed: %s; retrying in 0.1 s", exc)
                         await anyio.sleep(0.1)
                         break
-                    with sock:
-                        try:
-                            await pool.dispatch(sock, {"peer": peer[:2]})
-                        except ClosedResourceError:
-                            raise  # every worker exited and restart=False
-                        except Exception as exc:
-                            # One connection's failure (EMFILE for the
-                            # pool's copy, a route that raised) is not the
-                            # server's: close it, go on accepting.
-                            logger.error(
-                                "closing the connection from %s unserved: %r",
-                                peer,
-                                exc,
-                            )
+                    try:
+                        await pool._dispatch_accepted(number, peer[0], peer[1])
+                    except ClosedResourceError:
+                        raise  # every worker exited and restart=False
+                    except Exception as exc:
+                        # One connection's failure (a route that raised) is
+                        # not the server's: it was closed; go on accepting.
+                        logger.error(
+                            "closing the connection from %s unserved: %r",
+                            peer,
+                            exc,
+                        )
 
 
 # -- the worker ----------------------------------------------------------------
