@@ -346,6 +346,31 @@ async def test_serve_tcp(anyio_backend: object) -> None:
             tg.cancel_scope.cancel()
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_serve_tcp_over_ipv6(anyio_backend: object) -> None:
+    # The master writes the peer's address into the record's JSON as it is.
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            host, port = await tg.start(
+                lambda task_status: serve_tcp(
+                    "::1", 0, TARGET, workers=1, task_status=task_status
+                )
+            )
+            async with await anyio.connect_tcp(host, port) as stream:
+                _, echoed = await Client(stream).ask("meta")
+                local = stream.extra(anyio.abc.SocketAttribute.local_address)
+                assert json.loads(echoed) == {"peer": list(local[:2])}
+            tg.cancel_scope.cancel()
+
+
 async def test_cancelling_the_master_drains_connections_in_flight(
     anyio_backend: object,
 ) -> None:
