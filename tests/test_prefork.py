@@ -327,25 +327,6 @@ async def test_master_killed_workers_exit(anyio_backend: object) -> None:
                     os.close(pidfd)
 
 
-async def test_serve_tcp(anyio_backend: object) -> None:
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            host, port = await tg.start(
-                lambda task_status: serve_tcp(
-                    "127.0.0.1", 0, TARGET, workers=2, task_status=task_status
-                )
-            )
-            assert host == "127.0.0.1"
-            for _ in range(4):
-                async with await anyio.connect_tcp(host, port) as stream:
-                    _, echoed = await Client(stream).ask("meta")
-                    peer = json.loads(echoed)["peer"]
-                    assert peer == list(
-                        stream.extra(anyio.abc.SocketAttribute.local_address)
-                    )
-            tg.cancel_scope.cancel()
-
-
 def ipv6_loopback() -> bool:
     try:
         with socket.create_server(("::1", 0), family=socket.AF_INET6):
@@ -354,20 +335,32 @@ def ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
-async def test_serve_tcp_over_ipv6(anyio_backend: object) -> None:
-    # The master writes the peer's address into the record's JSON as it is.
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        # The master writes the peer's address into the record's JSON as it is.
+        pytest.param(
+            "::1",
+            marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback"),
+        ),
+    ],
+)
+async def test_serve_tcp(anyio_backend: object, address: str) -> None:
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             host, port = await tg.start(
                 lambda task_status: serve_tcp(
-                    "::1", 0, TARGET, workers=1, task_status=task_status
+                    address, 0, TARGET, workers=2, task_status=task_status
                 )
             )
-            async with await anyio.connect_tcp(host, port) as stream:
-                _, echoed = await Client(stream).ask("meta")
-                local = stream.extra(anyio.abc.SocketAttribute.local_address)
-                assert json.loads(echoed) == {"peer": list(local[:2])}
+            assert host == address
+            for _ in range(4):
+                async with await anyio.connect_tcp(host, port) as stream:
+                    _, echoed = await Client(stream).ask("meta")
+                    peer = json.loads(echoed)["peer"]
+                    local = stream.extra(anyio.abc.SocketAttribute.local_address)
+                    assert peer == list(local[:2])
             tg.cancel_scope.cancel()
 
 
@@ -547,12 +540,13 @@ async def test_leaving_after_a_cancelled_stop_still_stops_the_workers(
     assert f"(pid {stuck}) did not exit 0.0 s after stop: killing it" in caplog.text
 
 
-async def test_cancelling_the_start_kills_a_worker_stuck_importing(
-    anyio_backend: object,
-) -> None:
-    # Cancelling `async with WorkerPool(...)` while a worker was still
-    # importing its target used to wait (shielded) for that worker to exit:
-    # forever, for an import that never finishes.
+@asynccontextmanager
+async def starting_for_ever() -> AsyncIterator[WorkerPool]:
+    """Enter, in a task, a pool whose one worker never finishes importing.
+
+    Yields the pool once its worker process exists (the pool is starting);
+    the start is cancelled when the block ends.
+    """
     pool = WorkerPool("tests.prefork_stuck:handler", workers=1)
     entering = anyio.CancelScope()
 
@@ -561,15 +555,26 @@ async def test_cancelling_the_start_kills_a_worker_stuck_importing(
             async with pool:
                 pytest.fail("the pool cannot start")  # pragma: no cover
 
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(enter)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        try:
             await until(pool, lambda s: s.workers[0].pid is not None)
+            yield pool
+        finally:
+            entering.cancel()
+
+
+async def test_cancelling_the_start_kills_a_worker_stuck_importing(
+    anyio_backend: object,
+) -> None:
+    # Cancelling `async with WorkerPool(...)` while a worker was still
+    # importing its target used to wait (shielded) for that worker to exit:
+    # forever, for an import that never finishes.
+    with anyio.fail_after(30):
+        async with starting_for_ever() as pool:
             stuck = pids(pool)[0]
             pidfd = os.pidfd_open(stuck)
-            flags = os.WSTOPPED | os.WNOWAIT
-            await anyio.to_thread.run_sync(os.waitid, os.P_PID, stuck, flags)
-            entering.cancel()
+            await stopped(stuck)
         try:
             await anyio.wait_readable(pidfd)  # killed and reaped
         finally:
@@ -680,14 +685,17 @@ def to_meta_worker(
     return wanted if isinstance(wanted, int) and wanted in indexes else indexes[0]
 
 
-async def fill_channel(pool: WorkerPool, index: int) -> int:
-    """Dispatch connections to worker ``index`` (stopped) until its channel is full.
+async def stop_and_fill(pool: WorkerPool, index: int) -> tuple[int, int]:
+    """Stop worker ``index`` (SIGSTOP), then dispatch to it until its channel is full.
 
     Full: its queue holds as many descriptors as the channel takes before
     ``send`` waits, so the next dispatch to it waits. The pool routes with
     ``to_meta_worker``; the clients are closed at once (a handler that
-    gets one later reads end of stream). Returns how many were sent.
+    gets one later reads end of stream). Returns the worker's pid and how
+    many connections were sent.
     """
+    pid = pids(pool)[index]
+    await stop_and_confirm(pid)
     channel = pool._workers[index].channel
     assert channel is not None
     full = channel._writer._fd_high_water
@@ -697,7 +705,7 @@ async def fill_channel(pool: WorkerPool, index: int) -> int:
         with client, server:
             await pool.dispatch(server, {"to": index})
         count += 1
-    return count
+    return pid, count
 
 
 async def test_stop_with_a_full_channel(
@@ -709,9 +717,7 @@ async def test_stop_with_a_full_channel(
     with room_for_descriptors(6000):
         async with WorkerPool(TARGET, workers=1, route=to_meta_worker) as pool:
             with anyio.fail_after(60):
-                stuck = pids(pool)[0]
-                await stop_and_confirm(stuck)
-                sent = await fill_channel(pool, 0)
+                stuck, sent = await stop_and_fill(pool, 0)
                 await pool.stop(drain_timeout=0)
             # Killed; what it had not taken was closed, each one logged.
             assert pool.statistics().closed == sent
@@ -724,22 +730,11 @@ async def test_a_dispatch_while_the_pool_starts_is_refused(
 ) -> None:
     # It used to be taken (to wait for a worker): cancelling the start then
     # left the pool's copy of the connection open, and nobody served it.
-    pool = WorkerPool("tests.prefork_stuck:handler", workers=1)
-    entering = anyio.CancelScope()
-
-    async def enter() -> None:
-        with entering:
-            async with pool:
-                pytest.fail("the pool cannot start")  # pragma: no cover
-
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(enter)
-            await until(pool, lambda s: s.workers[0].pid is not None)
+        async with starting_for_ever() as pool:
             a, b = socket.socketpair()
             with a, b, pytest.raises(anyio.ClosedResourceError, match="async with"):
                 await pool.dispatch(b)
-            entering.cancel()
 
 
 async def test_a_restarted_worker_gets_many_waiting_connections(
@@ -832,9 +827,8 @@ async def test_a_dispatch_waiting_on_a_worker_that_dies(anyio_backend: object) -
     with room_for_descriptors(6000):
         async with WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool:
             with anyio.fail_after(60):
-                victim, other = pids(pool)
-                await stop_and_confirm(victim)
-                sent = await fill_channel(pool, 0)
+                other = pids(pool)[1]
+                victim, sent = await stop_and_fill(pool, 0)
                 async with dispatch_waiting(pool, 0, sent) as client:
                     os.kill(victim, signal.SIGKILL)
                     pid, echoed = await answer(client, b"hello")
@@ -856,9 +850,7 @@ async def test_a_dispatch_whose_connection_the_pool_took_back(
     with room_for_descriptors(6000):
         async with WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool:
             with anyio.fail_after(60):
-                victim = pids(pool)[0]
-                await stop_and_confirm(victim)
-                sent = await fill_channel(pool, 0)
+                victim, sent = await stop_and_fill(pool, 0)
                 async with dispatch_waiting(pool, 0, sent) as client:
                     dead = pool._workers[0]
                     dead.ready = False  # its channel ended, as far as we know
@@ -889,9 +881,8 @@ async def test_a_dead_workers_slot_restarts_while_its_connections_wait(
             WorkerPool(TARGET, workers=2, route=to_meta_worker) as pool,
         ):
             with anyio.fail_after(60):
-                victim, busy = pids(pool)
-                await stop_and_confirm(busy)
-                sent = await fill_channel(pool, 1)
+                busy, sent = await stop_and_fill(pool, 1)
+                victim = pids(pool)[0]
                 await stop_and_confirm(victim)
                 orphan = await connect(listener, pool, meta={"to": 0})
                 os.kill(victim, signal.SIGKILL)
