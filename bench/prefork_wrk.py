@@ -15,7 +15,10 @@ server takes three loads from ``wrk``:
 
 Servers and loads run interleaved within each repetition (the order
 rotates), so a noisy neighbour hurts them alike; the table gives medians
-(min-max) over the repetitions. Requires ``wrk`` on PATH.
+(min-max) over the repetitions. ``--baseline-src DIR`` also runs the pool
+from another source tree (``PYTHONPATH=DIR``, e.g. ``git worktree add`` of
+an older commit, its ``src``) in the same repetitions, for a before/after
+comparison on equal terms. Requires ``wrk`` on PATH.
 """
 
 from __future__ import annotations
@@ -78,9 +81,17 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def start_server(
-    mode: str, workers: int, backend: str
+    mode: str, workers: int, backend: str, baseline_src: str | None = None
 ) -> tuple[subprocess.Popen[str], int]:
-    """Start one server; return it and its port."""
+    """Start one server; return it and its port.
+
+    ``pool-base`` is the pool run from ``baseline_src`` (on PYTHONPATH).
+    """
+    env = None
+    if mode == "pool-base":
+        assert baseline_src, "pool-base needs --baseline-src"
+        env = {**os.environ, "PYTHONPATH": baseline_src}
+        mode = "pool"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -94,6 +105,7 @@ def start_server(
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -132,9 +144,13 @@ def run_wrk(port: int, load: str, seconds: float, threads: int) -> dict[str, flo
     return parse_wrk(result.stdout)
 
 
-def servers(counts: list[int]) -> list[tuple[str, int]]:
-    """(mode, N) for every server to measure: single once, then pool and reuseport."""
-    return [("single", 1)] + [(m, n) for n in counts for m in ("pool", "reuseport")]
+def servers(counts: list[int], baseline: bool = False) -> list[tuple[str, int]]:
+    """(mode, N) for every server to measure: single once, then pool and reuseport.
+
+    With ``baseline``, the pool from the baseline source too (``pool-base``).
+    """
+    modes = ("pool", "pool-base", "reuseport") if baseline else ("pool", "reuseport")
+    return [("single", 1)] + [(m, n) for n in counts for m in modes]
 
 
 def median_row(samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -147,6 +163,8 @@ def median_row(samples: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def label(mode: str, n: int) -> str:
+    if mode == "pool-base":
+        return f"pool N={n} (baseline)"
     return "single process" if mode == "single" else f"{mode} N={n}"
 
 
@@ -187,6 +205,22 @@ def ratios(summary: dict[str, dict[str, dict[str, Any]]], counts: list[int]) -> 
             f"{reuse['cpu'] / (n * single['cpu']):.2f}x | "
             f"{pool['keepalive'] / reuse['keepalive']:.2f}x |"
         )
+    if all(f"pool N={n} (baseline)" in rps for n in counts):
+        lines += [
+            "",
+            "| N | close: pool / baseline | keepalive: pool / baseline "
+            "| cpu: pool / baseline | close: baseline / reuseport |",
+            "|---|---|---|---|---|",
+        ]
+        for n in counts:
+            pool, base = rps[f"pool N={n}"], rps[f"pool N={n} (baseline)"]
+            reuse = rps[f"reuseport N={n}"]
+            lines.append(
+                f"| {n} | {pool['close'] / base['close']:.2f}x | "
+                f"{pool['keepalive'] / base['keepalive']:.2f}x | "
+                f"{pool['cpu'] / base['cpu']:.2f}x | "
+                f"{base['close'] / reuse['close']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -210,6 +244,8 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: str, title: str) -
         colors = [
             "0.5"
             if n.startswith("single")
+            else "tab:cyan"
+            if n.endswith("(baseline)")
             else "tab:blue"
             if n.startswith("pool")
             else "tab:orange"
@@ -247,6 +283,10 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--replot", help="redraw --plot from this results JSON")
+    parser.add_argument(
+        "--baseline-src",
+        help="also run the pool from this source tree (PYTHONPATH), interleaved",
+    )
     args = parser.parse_args()
     if args.replot:
         data = json.loads(Path(args.replot).read_text())
@@ -262,7 +302,7 @@ def main() -> None:
     )
     if args.quick:
         args.repeat, args.seconds = 1, 1.0
-    plan = servers(counts)
+    plan = servers(counts, baseline=bool(args.baseline_src))
     samples: dict[tuple[str, int], dict[str, list[dict[str, float]]]] = {
         s: {load: [] for load in LOADS} for s in plan
     }
@@ -270,7 +310,7 @@ def main() -> None:
     for rep in range(args.repeat):
         order = plan[rep % len(plan) :] + plan[: rep % len(plan)]
         for mode, n in order:
-            process, port = start_server(mode, n, args.backend)
+            process, port = start_server(mode, n, args.backend, args.baseline_src)
             try:
                 for load in LOADS:
                     loadavg.append(os.getloadavg()[0])
