@@ -8,6 +8,7 @@ they are sent to it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -417,6 +418,21 @@ async def test_bad_dispatch_loses_nothing(anyio_backend: object) -> None:
                     await pool.dispatch(sock, close=True)
                 assert copies_of(sock.fileno()) == 1  # still the caller's
                 assert not sock._closed  # type: ignore[attr-defined]
+        assert pool.statistics().dispatched == 0
+
+
+async def test_dispatch_of_a_closed_socket_or_with_meta_not_a_dict(
+    anyio_backend: object,
+) -> None:
+    async with WorkerPool(TARGET, workers=1) as pool:
+        a, b = socket.socketpair()
+        with a, b:
+            with pytest.raises(TypeError, match="meta must be a dict"):
+                await pool.dispatch(b, ["not", "a", "dict"])  # type: ignore[arg-type]
+            b.close()
+            with pytest.raises(OSError, match="closed") as raised:
+                await pool.dispatch(b)
+            assert raised.value.errno == errno.EBADF
         assert pool.statistics().dispatched == 0
 
 
