@@ -760,7 +760,9 @@ async def test_a_restarted_worker_gets_many_waiting_connections(
     # waiting connection itself when it said "ready", reading none of its
     # reports meanwhile: with this many, the worker's queue of "taken" and
     # "done" reports filled up while the master waited for room to send it
-    # more, and both waited for ever.
+    # more, and both waited for ever. (aiofdpass's own worker no longer
+    # waits on its reports before it reads on; this one does, as the
+    # protocol allows: tests/prefork_held.py.)
     count = 10_000
     hold = tmp_path / "hold"
     sent: list[object] = []
@@ -771,7 +773,7 @@ async def test_a_restarted_worker_gets_many_waiting_connections(
         sent.append(meta["n"])
         return workers[0].index
 
-    env = {**ENV, "PREFORK_HOLD_IF": str(hold)}
+    env = {**ENV, "PREFORK_HOLD_IF": str(hold), "PREFORK_ACK_INLINE": "1"}
     with room_for_descriptors(count):
         async with WorkerPool(
             "tests.prefork_held:numbered",
