@@ -271,6 +271,76 @@ async def test_a_receive_writes_the_queue_before_it_reads() -> None:
         assert [(await b.receive()).data for _ in range(3)] == [b"r0", b"r1", b"r2"]
 
 
+async def test_a_record_of_many_descriptors_goes_out_at_once_without_copies() -> None:
+    # Over 16 descriptors a record is never queued (that would take a
+    # duplicate of each); with nothing queued before it, send writes it
+    # itself, and no copy of a descriptor is ever made.
+    counting, a, b = counting_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            before = copies_of(r)
+            await a.send(b"many", [r] * 40)
+            assert counting.calls == 1
+            assert copies_of(r) == before  # in flight, but not duplicated here
+            with await b.receive() as msg:
+                assert msg.data == b"many" and len(msg.fds) == 40
+
+
+async def test_a_record_of_many_descriptors_waits_behind_queued_records() -> None:
+    # Rule 1: the two small records queued behind the first go out before
+    # the record of 20 descriptors sent after them.
+    counting, a, b = counting_pair()
+    with pipe() as (r, _):
+        async with a, b:
+            for i in range(3):
+                await a.send(b"r%d" % i, [r])  # one written, two queued
+            assert counting.calls == 1
+            await a.send(b"many", [r] * 20)
+            for expected, nfds in ((b"r0", 1), (b"r1", 1), (b"r2", 1), (b"many", 20)):
+                with await b.receive() as msg:
+                    assert (msg.data, len(msg.fds)) == (expected, nfds)
+
+
+async def test_a_record_of_many_descriptors_cut_by_a_full_socket_is_completed() -> None:
+    # The socket takes part of it: its descriptors went with the first
+    # bytes, the rest of its bytes follow (queued, without descriptors), and
+    # the record after it is intact.
+    counting, a, b = counting_pair()
+    small_buffers(counting, raw(b))
+    with pipe() as (r, _):
+        async with a, b, anyio.create_task_group() as tg:
+            await a.send(b"A" * 60_000, [r] * 20)
+            assert counting.calls == 1  # returned, the rest queued
+            tg.start_soon(a.send, b"after", [r] * 17)  # waits for room
+            with await b.receive() as msg:
+                assert msg.data == b"A" * 60_000 and len(msg.fds) == 20
+                assert {identity(fd.fileno()) for fd in msg.fds} == {identity(r)}
+            with await b.receive() as msg:
+                assert msg.data == b"after" and len(msg.fds) == 17
+
+
+async def test_many_descriptor_records_still_check_cancellation_every_32nd() -> None:
+    # Written without a wait, a send loop of them would never check for
+    # cancellation (nor yield); the 32nd send does, so in a cancelled scope
+    # 31 go out and the 32nd is not sent.
+    a, b = channel_pair()
+    sent = 0
+    with pipe() as (r, _):
+        async with a, b:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                for _ in range(32):
+                    await a.send(b"x", [r] * 17)
+                    sent += 1
+            assert scope.cancelled_caught and sent == 31
+            await a.send_eof()
+            got = 0
+            async for msg in b:
+                msg.close()
+                got += 1
+            assert got == 31
+
+
 async def test_a_large_send_waits_for_the_lock_behind_another() -> None:
     # Our own FIFO lock: the second large record waits, whole, behind the
     # first (records never interleave on the wire).

@@ -177,15 +177,17 @@ class FdChannel(Connection, ObjectStream[Message]):
         ``docs/write-path.md`` gives the rules. A record that meets a full
         socket, or the kernel's limit on descriptors in flight
         (``ETOOMANYREFS``), is queued too, and a task of the channel's own
-        writes it when the socket has room. Large records (over 64 KiB, or
-        over 16 descriptors) are written directly from ``data``, without a
-        copy. When the queue holds 256 KiB, or 1024 descriptors (at most an
-        eighth of ``RLIMIT_NOFILE``), ``send`` waits for it to drain
-        (backpressure). A write error (the peer went away or stopped reading)
-        breaks the sending side only: queued records are dropped and logged,
-        the next ``send`` raises :class:`anyio.BrokenResourceError` with the
-        error as its cause, and :meth:`receive` still returns what the peer
-        sent before.
+        writes it when the socket has room. A record of over 16
+        descriptors is never queued (that would take a duplicate of each):
+        it is written at once when nothing is queued before it, otherwise
+        behind the queue. Records over 64 KiB are written directly from
+        ``data``, without a copy. When the queue holds 256 KiB, or 1024
+        descriptors (at most an eighth of ``RLIMIT_NOFILE``), ``send`` waits
+        for it to drain (backpressure). A write error (the peer went away or
+        stopped reading) breaks the sending side only: queued records are
+        dropped and logged, the next ``send`` raises
+        :class:`anyio.BrokenResourceError` with the error as its cause, and
+        :meth:`receive` still returns what the peer sent before.
 
         Cancellation: a cancelled ``send`` never delivers its record. Small
         records are queued only after every wait, so a cancelled one was
@@ -274,7 +276,10 @@ class FdChannel(Connection, ObjectStream[Message]):
             head = HEADER_SIZE
         writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
-            await writer.send_direct(header, payload, numbers)
+            if nbytes > DIRECT_BYTES or not writer.write_through(
+                header, payload, numbers
+            ):
+                await writer.send_direct(header, payload, numbers)
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
         self._records_sent += 1
