@@ -249,7 +249,9 @@ class Writer:
         except PacketTooLargeError:
             raise  # EMSGSIZE: it never fits
         except LimitError:
-            return False  # ETOOMANYREFS: send_direct's retries handle it
+            # ETOOMANYREFS: send_direct tries once more (behind the queue)
+            # and raises LimitError, as for any record written directly.
+            return False
         if sent < 0:
             return False  # full: nothing written
         self._calls += 1
