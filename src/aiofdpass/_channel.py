@@ -177,16 +177,18 @@ class FdChannel(Connection, ObjectStream[Message]):
         ``docs/write-path.md`` gives the rules. A record that meets a full
         socket, or the kernel's limit on descriptors in flight
         (``ETOOMANYREFS``), is queued too, and a task of the channel's own
-        writes it when the socket has room. A record of over 16
-        descriptors is never queued (that would take a duplicate of each):
-        it is written at once when nothing is queued before it, otherwise
-        behind the queue. Records over 64 KiB are written directly from
-        ``data``, without a copy. When the queue holds 256 KiB, or 1024
-        descriptors (at most an eighth of ``RLIMIT_NOFILE``), ``send`` waits
-        for it to drain (backpressure). A write error (the peer went away or
-        stopped reading) breaks the sending side only: queued records are
-        dropped and logged, the next ``send`` raises
-        :class:`anyio.BrokenResourceError` with the error as its cause, and
+        writes it when the socket has room. The descriptors of a record of
+        over 16 are never queued (that would take a duplicate of each): it
+        is written at once when nothing is queued before it (if the socket
+        takes only part of it, the rest of its bytes is queued, as for a
+        small record), otherwise behind the queue. Records over 64 KiB are
+        written directly from ``data``, without a copy. When the queue holds
+        256 KiB, or 1024 descriptors (at most an eighth of
+        ``RLIMIT_NOFILE``), ``send`` waits for it to drain (backpressure). A
+        write error (the peer went away or stopped reading) breaks the
+        sending side only: queued records are dropped and logged, the next
+        ``send`` raises :class:`anyio.BrokenResourceError` with the error as
+        its cause, and
         :meth:`receive` still returns what the peer sent before.
 
         Cancellation: a cancelled ``send`` never delivers its record. Small
