@@ -188,8 +188,8 @@ class FdChannel(Connection, ObjectStream[Message]):
         write error (the peer went away or stopped reading) breaks the
         sending side only: queued records are dropped and logged, the next
         ``send`` raises :class:`anyio.BrokenResourceError` with the error as
-        its cause, and
-        :meth:`receive` still returns what the peer sent before.
+        its cause, and :meth:`receive` still returns what the peer sent
+        before.
 
         Cancellation: a cancelled ``send`` never delivers its record. Small
         records are queued only after every wait, so a cancelled one was
