@@ -14,7 +14,7 @@ from ._codec import HEADER_SIZE, MAGIC, VERSION, RecordDecoder, pack_header
 from ._connection import Connection, adopt_fd
 from ._convert import as_fd_list, close_forwarded, close_sent, filenos_of
 from ._errors import LimitError, ProtocolError
-from ._fd import Fd
+from ._fd import FD_MAX, Fd
 from ._message import Limits, Message
 from ._statistics import ChannelStatistics
 from ._transport import OPEN
@@ -177,15 +177,19 @@ class FdChannel(Connection, ObjectStream[Message]):
         ``docs/write-path.md`` gives the rules. A record that meets a full
         socket, or the kernel's limit on descriptors in flight
         (``ETOOMANYREFS``), is queued too, and a task of the channel's own
-        writes it when the socket has room. Large records (over 64 KiB, or
-        over 16 descriptors) are written directly from ``data``, without a
-        copy. When the queue holds 256 KiB, or 1024 descriptors (at most an
-        eighth of ``RLIMIT_NOFILE``), ``send`` waits for it to drain
-        (backpressure). A write error (the peer went away or stopped reading)
-        breaks the sending side only: queued records are dropped and logged,
-        the next ``send`` raises :class:`anyio.BrokenResourceError` with the
-        error as its cause, and :meth:`receive` still returns what the peer
-        sent before.
+        writes it when the socket has room. The descriptors of a record of
+        over 16 are never queued (that would take a duplicate of each): it
+        is written at once when nothing is queued before it (if the socket
+        takes only part of it, the rest of its bytes is queued, as for a
+        small record), otherwise behind the queue. Records over 64 KiB are
+        written directly from ``data``, without a copy. When the queue holds
+        256 KiB, or 1024 descriptors (at most an eighth of
+        ``RLIMIT_NOFILE``), ``send`` waits for it to drain (backpressure). A
+        write error (the peer went away or stopped reading) breaks the
+        sending side only: queued records are dropped and logged, the next
+        ``send`` raises :class:`anyio.BrokenResourceError` with the error as
+        its cause, and :meth:`receive` still returns what the peer sent
+        before.
 
         Cancellation: a cancelled ``send`` never delivers its record. Small
         records are queued only after every wait, so a cancelled one was
@@ -214,6 +218,7 @@ class FdChannel(Connection, ObjectStream[Message]):
             this channel.
         """
         forwarded: Message | None = None
+        numbers: list[int] | None = None
         if type(data) is bytes:
             payload: bytes | memoryview = data
         elif isinstance(data, Message):
@@ -222,10 +227,12 @@ class FdChannel(Connection, ObjectStream[Message]):
                     "pass descriptors either inside the Message or as fds=, not both"
                 )
             forwarded = data
-            payload = data.data
+            payload = data._data
             # A received message not yet unwrapped: send its numbers as they
-            # are (no Fd object made for each).
-            fds = data._numbers if data._numbers is not None else data.fds
+            # are (the kernel's: no Fd object made for each, none to check).
+            numbers = data._numbers
+            if numbers is None:
+                fds = data.fds
         else:
             try:
                 payload = memoryview(data).cast("B")
@@ -233,8 +240,14 @@ class FdChannel(Connection, ObjectStream[Message]):
                 raise TypeError(
                     f"data must be bytes-like or a Message, not {type(data).__name__}"
                 ) from None
-        objs = fds if type(fds) is list or type(fds) is tuple else as_fd_list(fds)
-        numbers = filenos_of(objs)
+        if numbers is None:
+            objs = fds if type(fds) is list or type(fds) is tuple else as_fd_list(fds)
+            if not objs:
+                numbers = []
+            elif len(objs) == 1 and type(objs[0]) is int and 0 <= objs[0] <= FD_MAX:
+                numbers = [objs[0]]  # one plain number: checked without a call
+            else:
+                numbers = filenos_of(objs)
         limits = self._limits
         nbytes = len(payload)
         nfds = len(numbers)
@@ -265,7 +278,10 @@ class FdChannel(Connection, ObjectStream[Message]):
             head = HEADER_SIZE
         writer = self._writer
         if nfds > DIRECT_FDS or nbytes > DIRECT_BYTES:
-            await writer.send_direct(header, payload, numbers)
+            if nbytes > DIRECT_BYTES or not writer.write_through(
+                header, payload, numbers
+            ):
+                await writer.send_direct(header, payload, numbers)
         elif not writer.send_record(header, payload, numbers):
             await writer.send_record_waiting(header, payload, numbers)
         self._records_sent += 1
@@ -322,13 +338,16 @@ class FdChannel(Connection, ObjectStream[Message]):
             while True:
                 if transport.recv_state is not OPEN:
                     transport.check_recv()
-                try:
-                    message = decoder.next_message()
-                except ProtocolError as exc:
-                    transport.break_all(exc, "the peer broke the framing")
-                    raise
-                if message is not None:
-                    return message
+                # Bytes held, or descriptors no record claimed (too many is
+                # a violation the decoder reports): is there a record?
+                if decoder._end != decoder._start or decoder._fds:
+                    try:
+                        message = decoder.next_message()
+                    except ProtocolError as exc:
+                        transport.break_all(exc, "the peer broke the framing")
+                        raise
+                    if message is not None:
+                        return message
                 if self._eof:
                     raise EndOfStream
                 if self._writer.outbox.nbytes:

@@ -72,8 +72,19 @@ def fileno_of(obj: object) -> int:
     )
 
 
+_ONLY_INT = {int}
+
+
 def filenos_of(objs: Iterable[object]) -> list[int]:
     """Return the descriptor numbers of ``objs``, checking every one first."""
+    if (
+        type(objs) is list
+        and len(objs) > 2
+        and set(map(type, objs)) == _ONLY_INT
+        and min(objs) >= 0
+        and max(objs) <= FD_MAX
+    ):
+        return objs.copy()  # all plain numbers in range: checked in C
     # Plain numbers (the common case, and many per record) skip the checks.
     return [
         obj if type(obj) is int and 0 <= obj <= FD_MAX else fileno_of(obj)

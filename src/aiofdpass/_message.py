@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -145,7 +146,10 @@ class Message:
         if numbers is not None:
             self._numbers = None
             self._fds = (_CLOSED,) * len(numbers)
-            close_numbers(numbers)
+            if len(numbers) == 1:
+                os.close(numbers[0])  # the common case, without a call
+            else:
+                close_numbers(numbers)
             return
         fds = self._fds
         if len(fds) == 1:

@@ -419,7 +419,19 @@ class Transport:
             return 0, []
         except OSError as exc:
             self._raise_translated(exc, "receive")
-        fds = parse_ancillary(ancdata) if ancdata else []
+        if not ancdata:
+            fds = []
+        elif (
+            len(ancdata) == 1
+            and _CLOEXEC_FLAG
+            and ancdata[0][1] == socket.SCM_RIGHTS
+            and ancdata[0][0] == socket.SOL_SOCKET
+            and not len(ancdata[0][2]) % _INT_SIZE
+        ):
+            # The common case, without a call: one SCM_RIGHTS block.
+            fds = array.array("i", ancdata[0][2]).tolist()
+        else:
+            fds = parse_ancillary(ancdata)
         if self.recv_state is not OPEN:
             # Another task broke or closed the connection meanwhile.
             close_numbers(fds)
@@ -565,7 +577,13 @@ class Transport:
         :raises anyio.BrokenResourceError: if the connection failed.
         """
         try:
-            return self.sock.sendmsg([data], scm_rights(fds), _SEND_FLAGS)
+            return self.sock.sendmsg(
+                [data],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                if fds
+                else (),
+                _SEND_FLAGS,
+            )
         except BlockingIOError:
             return -1
         except OSError as exc:

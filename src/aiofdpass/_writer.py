@@ -218,6 +218,50 @@ class Writer:
         buffers = [memoryview(header), memoryview(payload)]
         await self._send_exclusive(buffers if payload else buffers[:1], numbers)
 
+    def write_through(
+        self, header: bytes, payload: bytes | memoryview, numbers: list[int]
+    ) -> bool:
+        """Write a record of many descriptors at once, if nothing stands before it.
+
+        For records over ``DIRECT_FDS`` descriptors and at most
+        ``DIRECT_BYTES`` of payload, which are never queued (that would take
+        a duplicate of each descriptor). Returns ``False``, having written
+        nothing, when :meth:`send_direct` must send it instead: something is
+        queued or the lock is held (Rule 1), the periodic yield is due, the
+        socket is full, or ``ETOOMANYREFS``. A partial write queues the rest
+        of the bytes, as :meth:`send_record` does. No coroutine on this path.
+        """
+        transport = self.transport
+        driver = transport.driver
+        if driver is None or not driver.is_current():
+            transport.enter()  # trio, or another loop than last time
+        if transport.send_state is not OPEN:
+            transport.check_send()
+        if (
+            self.outbox.nbytes
+            or self.lock._held
+            or not (self._calls + 1) & _YIELD_EVERY_MASK
+        ):
+            return False  # send_direct counts the call and yields
+        data = header + payload
+        try:
+            sent = transport.try_send(data, numbers)
+        except PacketTooLargeError:
+            raise  # EMSGSIZE: it never fits
+        except LimitError:
+            # ETOOMANYREFS: send_direct tries once more (behind the queue)
+            # and raises LimitError, as for any record written directly.
+            return False
+        if sent < 0:
+            return False  # full: nothing written
+        self._calls += 1
+        self.burst = self._coalesce
+        if sent < len(data):
+            # Its descriptors went with the first bytes; the rest follows.
+            self.outbox.add_tail(data[sent:])
+            self.start_background()
+        return True
+
     def send_record(
         self,
         header: bytes,
