@@ -339,7 +339,9 @@ class FdChannel(Connection, ObjectStream[Message]):
                 if transport.recv_state is not OPEN:
                     transport.check_recv()
                 # Bytes held, or descriptors no record claimed (too many is
-                # a violation the decoder reports): is there a record?
+                # a violation the decoder reports): is there a record? This
+                # is `not decoder.at_boundary`, inlined: a property is a call
+                # on the ping-pong path; change the two together.
                 if decoder._end != decoder._start or decoder._fds:
                     try:
                         message = decoder.next_message()

@@ -428,7 +428,8 @@ class Transport:
             and ancdata[0][0] == socket.SOL_SOCKET
             and not len(ancdata[0][2]) % _INT_SIZE
         ):
-            # The common case, without a call: one SCM_RIGHTS block.
+            # The common case, without a call: one SCM_RIGHTS block
+            # (parse_ancillary's own first branch, inlined for the read path).
             fds = array.array("i", ancdata[0][2]).tolist()
         else:
             fds = parse_ancillary(ancdata)
